@@ -1,0 +1,80 @@
+"""`attention(q, k, v, mask, impl)`: one entry point for every attention backend.
+
+"xla" is the dense reference that runs anywhere; "xla_sparse" and "pallas" come from
+kernels_pallas and consume the MaskSpec features directly (they never build the dense mask).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from llada2_jax.diffusion.masks import MaskSpec
+
+IMPLS = ("xla", "xla_sparse", "pallas", "auto")
+
+
+def attention(q, k, v, mask="causal", impl: str = "xla", *, scale: float | None = None,
+              interpret: bool | None = None):
+    """Softmax attention with GQA.
+
+    q: (B, T, Hq, D); k, v: (B, S, Hkv, D) with Hq a multiple of Hkv (query head h uses kv head
+    h // (Hq // Hkv)). mask: "causal" | "bidirectional" | bool (B, T, S) | MaskSpec.
+    Returns (B, T, Hq, D) in q's dtype; scores and softmax are computed in fp32.
+    """
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        impl = _auto_impl(mask)
+    if impl != "xla":
+        if not isinstance(mask, MaskSpec):
+            mask = _as_mask_spec(mask, q.shape[0], q.shape[1], k.shape[1])
+        from kernels_pallas import dispatch  # local import: kernels are optional for the reference path
+        return dispatch.attention(q, k, v, mask, impl=impl, scale=scale, interpret=interpret)
+    return xla_attention(q, k, v, dense_mask(mask, q.shape[0], q.shape[1], k.shape[1]), scale=scale)
+
+
+def _auto_impl(mask) -> str:
+    if not isinstance(mask, MaskSpec) or mask.rule != "block_diffusion":
+        return "xla"
+    backend = jax.default_backend()
+    return "pallas" if backend in ("tpu", "gpu") else "xla_sparse"
+
+
+def _as_mask_spec(mask, b, t, s) -> MaskSpec:
+    if isinstance(mask, str) and t == s:
+        seg = jnp.ones((b, t), jnp.int32)
+        return MaskSpec.causal(seg) if mask == "causal" else MaskSpec.bidirectional(seg)
+    raise ValueError("sparse attention backends need a MaskSpec (or 'causal'/'bidirectional' with T == S)")
+
+
+def dense_mask(mask, b: int, t: int, s: int) -> jax.Array:
+    """Any accepted mask form -> bool (B, T, S)."""
+    if isinstance(mask, MaskSpec):
+        return mask.dense()
+    if isinstance(mask, str):
+        if mask == "bidirectional":
+            return jnp.ones((b, t, s), bool)
+        if mask == "causal":
+            # queries are the last t of s keys (s == t for a plain forward)
+            return jnp.broadcast_to(jnp.tril(jnp.ones((t, s), bool), k=s - t), (b, t, s))
+        raise ValueError(f"unknown mask {mask!r}; expected 'causal', 'bidirectional', a bool array or a MaskSpec")
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_ or mask.shape != (b, t, s):
+        raise ValueError(f"a dense mask must be bool of shape {(b, t, s)}, got {mask.dtype} {mask.shape}")
+    return mask
+
+
+def xla_attention(q, k, v, allow, *, scale=None):
+    """Dense reference: fp32 scores, -inf where `allow` is False."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allow[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(allow[:, None, None].any(-1, keepdims=True), probs, 0.0)  # all-masked row -> 0
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hq, d).astype(q.dtype)
