@@ -152,7 +152,9 @@ class ModelConfig:
             if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
                 raise ValueError("qwen3_moe with mlp_only_layers / decoder_sparse_step != 1 is not supported")
             kw.update(qk_norm=True, attention_bias=bool(hf.get("attention_bias", False)),
-                      num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+                      # transformers 5 writes `num_local_experts` for Qwen3-MoE; older files `num_experts`
+                      num_experts=hf.get("num_experts") or hf["num_local_experts"],
+                      num_experts_per_tok=hf["num_experts_per_tok"],
                       moe_intermediate_size=hf["moe_intermediate_size"], score_function="softmax",
                       norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
         elif mt == "bailing_moe_v2":

@@ -92,7 +92,7 @@ class LayerStack(nnx.Module):
 
     def weights(self) -> dict[str, jax.Array]:
         """Every stacked array of this stack by name (params and the expert-bias buffer)."""
-        return {name: var.value for name, var in vars(self).items() if isinstance(var, nnx.Variable)}
+        return {name: var.get_value() for name, var in vars(self).items() if isinstance(var, nnx.Variable)}
 
 
 def _decoder_layer(config, rope, mask, x, p, positions, cache_kv):
@@ -147,7 +147,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         positions = jnp.asarray(positions, jnp.int32)
-        x = jnp.take(self.embed.value, tokens, axis=0).astype(c.dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
         if embed_noise is not None:
             x = x + embed_noise.astype(c.dtype)
         mask = self._prepare_mask(mask, positions, cache)
@@ -167,14 +167,14 @@ class Transformer(nnx.Module):
                 new_v.append(stack_cache[1])
             if load is not None:
                 loads.append(load)
-        hidden = rms_norm(x, self.final_norm.value, c.rms_norm_eps)
+        hidden = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
         new_cache = kv.KVCache(jnp.concatenate(new_k), jnp.concatenate(new_v)) if cache is not None else None
         logits = self.logits_from_hidden(hidden) if compute_logits else None
         return ModelOutput(logits, hidden, new_cache, jnp.concatenate(loads) if loads else None)
 
     def logits_from_hidden(self, hidden):
         """Project final-normed hidden states to fp32 logits (only the rows a loss needs)."""
-        head = self.embed.value.T if self.lm_head is None else self.lm_head.value
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.dot(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
     def _prepare_mask(self, mask, positions, cache):
