@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -88,6 +89,16 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def save(self, directory: str) -> None:
         """Write everything `load_tokenizer(directory)` needs."""
+
+    @abc.abstractmethod
+    def _model_bytes(self) -> bytes:
+        """The serialized vocabulary/model (what `fingerprint` hashes)."""
+
+    def fingerprint(self) -> str:
+        """Hash of the model and special-token settings: a cache key for tokenized corpora."""
+        h = hashlib.sha256(self._model_bytes())
+        h.update(repr((self.eos_id, self.pad_id, self.mask_id)).encode())
+        return h.hexdigest()[:16]
 
     def require_mask_id(self) -> int:
         """`mask_id`, or a ValueError explaining how to get one."""
@@ -196,8 +207,7 @@ class SentencePieceTokenizer(Tokenizer):
     def mask_id(self) -> int | None:
         return self._mask_id
 
-    @property
-    def model_proto(self) -> bytes:
+    def _model_bytes(self) -> bytes:
         return self._proto
 
     def save(self, directory: str) -> None:
@@ -281,6 +291,9 @@ class HFTokenizer(Tokenizer):
     @property
     def mask_id(self) -> int | None:
         return self._mask_id
+
+    def _model_bytes(self) -> bytes:
+        return self._tok.to_str().encode("utf-8")
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
