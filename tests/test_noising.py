@@ -58,7 +58,7 @@ def test_complementary_views_cover_eligible_exactly_once(seed, rate):
     both = np.asarray(both)
     counts = both[:4].astype(int) + both[4:].astype(int)
     np.testing.assert_array_equal(counts, eligible.astype(int))
-    np.testing.assert_allclose(np.asarray(rates), np.concatenate([np.full(4, rate), np.full(4, 1 - rate)]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(rates), np.concatenate([np.full(4, rate), np.full(4, 1 - rate)]), atol=1e-6)
 
 
 def test_apply_mask():

@@ -1,0 +1,173 @@
+"""HF safetensors import/export: logits parity with transformers (Levanter-style) and bad input.
+
+Parity: a tiny random PyTorch model (norm weights and biases perturbed away from their 1 / 0
+init) is saved by transformers, loaded by `hf.load_pretrained`, and its logits are compared on
+random tokens. Round trip: our `save_pretrained` output is loaded back by transformers.
+"""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from llada2_jax.interop import hf
+from llada2_jax.model.config import ModelConfig
+from llada2_jax.model.transformer import Transformer
+
+REL_TOL = 1e-5
+VOCAB = 96
+
+# name -> (transformers class prefix, config kwargs, save_pretrained kwargs)
+CASES = {
+    "llama_gqa_odd_head_dim": ("Llama", dict(hidden_size=40, intermediate_size=56, num_attention_heads=4,
+                                             num_key_value_heads=2, head_dim=12), {}),
+    "llama_tied_1kv_sharded": ("Llama", dict(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                             num_key_value_heads=1, tie_word_embeddings=True),
+                               dict(max_shard_size="20KB")),
+    "llama_rope_linear": ("Llama", dict(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                        num_key_value_heads=2,
+                                        rope_parameters=dict(rope_type="linear", factor=3.0, rope_theta=5000.0)), {}),
+    "llama_rope_yarn": ("Llama", dict(hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=10000.0,
+                                                           original_max_position_embeddings=16)), {}),
+    "qwen2_bias": ("Qwen2", dict(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                 num_key_value_heads=2), {}),
+    "qwen3_qknorm": ("Qwen3", dict(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=6, tie_word_embeddings=True), {}),
+    "qwen3_moe": ("Qwen3Moe", dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=20,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=10,
+                                   num_experts=6, num_experts_per_tok=2, norm_topk_prob=True),
+                  dict(max_shard_size="30KB")),
+    "qwen3_moe_unnormed": ("Qwen3Moe", dict(hidden_size=24, intermediate_size=48, moe_intermediate_size=16,
+                                            num_attention_heads=2, num_key_value_heads=2,
+                                            num_experts=4, num_experts_per_tok=3, norm_topk_prob=False), {}),
+}
+
+
+def _rel_err(ours, ref):
+    return float(np.max(np.abs(np.asarray(ours) - ref)) / np.max(np.abs(ref)))
+
+
+def _hf_logits(model, tokens):
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def hf_case(request, tmp_path_factory):
+    """(case name, saved HF dir, tokens, transformers reference logits)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    prefix, kw, save_kw = CASES[request.param]
+    torch.manual_seed(sum(map(ord, request.param)))
+    config = getattr(transformers, f"{prefix}Config")(vocab_size=VOCAB, num_hidden_layers=2, **kw)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path, **save_kw)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 13))
+    return request.param, path, tokens, _hf_logits(model, tokens)
+
+
+@pytest.mark.torch
+def test_load_matches_transformers(hf_case):
+    name, path, tokens, ref = hf_case
+    if CASES[name][2]:
+        assert os.path.exists(os.path.join(path, hf.INDEX_FILE)), "case meant to exercise sharding"
+    model = hf.load_pretrained(path)
+    err = _rel_err(model(jnp.asarray(tokens)), ref)
+    print(f"parity {name}: {err:.2e}")
+    assert err <= REL_TOL
+
+
+@pytest.mark.torch
+def test_round_trip_through_transformers(hf_case, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    name, path, tokens, ref = hf_case
+    model = hf.load_pretrained(path)
+    hf.save_pretrained(model, tmp_path, max_shard_bytes=16_000)
+    assert os.path.exists(os.path.join(tmp_path, hf.INDEX_FILE))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert _rel_err(_hf_logits(back, tokens), ref) <= REL_TOL
+
+
+# ---- bad input (no torch needed): checkpoints written by our own save_pretrained ----
+
+@pytest.fixture
+def saved_llama(tmp_path):
+    cfg = ModelConfig(model_type="llama", vocab_size=40, hidden_size=16, intermediate_size=24,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    hf.save_pretrained(Transformer(cfg), tmp_path)
+    return tmp_path
+
+
+def _rewrite_tensors(path, edit):
+    file = os.path.join(path, hf.SINGLE_FILE)
+    tensors = safetensors.numpy.load_file(file)
+    edit(tensors)
+    safetensors.numpy.save_file(tensors, file)
+
+
+def _edit_config(path, **kw):
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        cfg = json.load(f)
+    cfg.update(kw)
+    with open(file, "w") as f:
+        json.dump(cfg, f)
+
+
+def test_own_round_trip_is_exact(saved_llama, tmp_path):
+    model = hf.load_pretrained(saved_llama)
+    hf.save_pretrained(model, tmp_path / "again", max_shard_bytes=1500)
+    again = hf.load_pretrained(tmp_path / "again")
+    tokens = jnp.arange(10)[None] % 40
+    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(again(tokens)))
+
+
+def test_missing_tensor_names_it(saved_llama):
+    _rewrite_tensors(saved_llama, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*\(8, 16\).*missing"):
+        hf.load_pretrained(saved_llama)
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(saved_llama):
+    _edit_config(saved_llama, intermediate_size=20)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*expected shape "
+                                         r"\(20, 16\), found \(24, 16\)"):
+        hf.load_pretrained(saved_llama)
+
+
+def test_unknown_model_type_lists_supported(saved_llama):
+    _edit_config(saved_llama, model_type="gpt2")
+    with pytest.raises(ValueError, match="gpt2.*llama.*qwen3_moe.*bailing_moe_v2"):
+        hf.load_pretrained(saved_llama)
+
+
+def test_corrupt_safetensors_names_file(saved_llama):
+    file = os.path.join(saved_llama, hf.SINGLE_FILE)
+    with open(file, "r+b") as f:
+        f.write(b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"cannot read safetensors file .*model\.safetensors"):
+        hf.load_pretrained(saved_llama)
+
+
+def test_directory_without_weights(saved_llama):
+    os.remove(os.path.join(saved_llama, hf.SINGLE_FILE))
+    with pytest.raises(ValueError, match="neither model.safetensors nor"):
+        hf.load_pretrained(saved_llama)
+
+
+def test_unsupported_o_proj_bias_is_rejected(saved_llama):
+    _edit_config(saved_llama, attention_bias=True)
+    with pytest.raises(ValueError, match="attention_bias"):
+        hf.load_pretrained(saved_llama)
