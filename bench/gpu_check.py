@@ -1,0 +1,223 @@
+"""GPU check of the Pallas (Triton) kernels: correctness vs the XLA references, then timings.
+
+Needs only jax (CUDA) + numpy + this repo. Every section runs in its own try/except; a summary
+table is printed at the end and the exit status is 1 if any check failed or errored.
+Run: bash bench/gpu_check.sh   (about 2-4 minutes on one H100)
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+import traceback
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import xla_sparse
+from kernels_pallas.block_sparse_attention import gpu as attn_gpu
+from kernels_pallas.grouped_matmul import gpu as gmm_gpu
+from llada2_jax.diffusion.masks import MaskSpec
+from llada2_jax.ops.attention import xla_attention
+
+RESULTS: list[tuple[str, str, str]] = []  # (check, status, detail)
+TIMINGS: list[tuple[str, str, float]] = []  # (case, impl, ms)
+TOL = {jnp.float32: 2e-4, jnp.bfloat16: 3e-2}
+
+
+def section(fn):
+    @functools.wraps(fn)
+    def run():
+        try:
+            fn()
+        except Exception as exc:  # report and continue with the next section
+            traceback.print_exc()
+            RESULTS.append((fn.__name__, "ERROR", f"{type(exc).__name__}: {str(exc)[:200]}"))
+    return run
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-6))
+
+
+def timed(fn, *args, reps=5):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def bdlm_spec(batch, length, block, docs):
+    seg = np.zeros((batch, length), np.int32)
+    for r in range(batch):
+        cuts = np.linspace(0, length, docs + 1).astype(int)
+        for d in range(docs):
+            seg[r, cuts[d]:cuts[d + 1]] = d + 1
+    if batch > 1:
+        seg[1, -length // 8:] = 0  # padding tail on the second row
+    return MaskSpec.block_diffusion(seg, block)
+
+
+def decode_spec(batch, block, cache_len, filled):
+    """Queries = the current block; keys = cache slots (unwritten slots belong to no document)."""
+    cur = filled // block
+    pos = np.arange(cache_len)
+    k_seg = np.where(pos < filled + block, 1, -1)[None].repeat(batch, 0)
+    q = lambda v: jnp.full((batch, block), v, jnp.int32)  # noqa: E731
+    return MaskSpec(q(0), q(cur), q(1), jnp.zeros((batch, cache_len), jnp.int32),
+                    jnp.asarray((pos // block)[None].repeat(batch, 0), jnp.int32),
+                    jnp.asarray(k_seg, jnp.int32), "block_causal")
+
+
+def qkv(spec, hq, hkv, d, dtype, seed=0):
+    b, t, s = spec.shape
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(ks[0], (b, t, hq, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, s, hkv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, s, hkv, d), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (b, t, hq, d), jnp.float32).astype(dtype)
+    return q, k, v, do
+
+
+def fwd_bwd(attn):
+    def run(q, k, v, do, spec):
+        out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, spec), q, k, v)
+        return (out, *vjp(do))
+    return jax.jit(run)
+
+
+REF = fwd_bwd(lambda q, k, v, spec: xla_attention(q, k, v, spec.dense()))
+SPARSE = fwd_bwd(lambda q, k, v, spec: xla_sparse.attention(q, k, v, spec))
+
+
+def pallas(block_q=64, block_k=64):
+    return fwd_bwd(lambda q, k, v, spec: attn_gpu.attention(q, k, v, spec, block_q=block_q, block_k=block_k))
+
+
+@section
+def attention_correctness():
+    cases = {
+        "bdlm 2docs+pad L=256 LB=32": bdlm_spec(2, 256, 32, 2),
+        "bdlm odd L=200 LB=8": bdlm_spec(1, 200, 8, 3),
+        "mdlm docs T=256": MaskSpec.bidirectional(np.repeat([[1, 2, 2, 3]], 64, 1)),
+        "causal docs T=320": MaskSpec.causal(np.repeat([[1, 1, 2, 2, 0]], 64, 1)),
+        "decode T=32 S=512": decode_spec(2, 32, 512, 288),
+    }
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for name, spec in cases.items():
+            for hq, hkv, d in ((4, 2, 64), (4, 1, 128)):
+                label = f"attn {name} H{hq}/{hkv} D{d} {jnp.dtype(dtype).name}"
+                try:
+                    q, k, v, do = qkv(spec, hq, hkv, d, dtype)
+                    with jax.default_matmul_precision("highest"):
+                        ref = REF(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                  do.astype(jnp.float32), spec)
+                    got = pallas()(q, k, v, do, spec)
+                    errs = [rel_err(g, r) for g, r in zip(got, ref)]
+                    finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in got)
+                    ok = finite and max(errs) <= TOL[dtype]
+                    RESULTS.append((label, "ok" if ok else "FAIL",
+                                    "rel err out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs)))
+                except Exception as exc:
+                    traceback.print_exc()
+                    RESULTS.append((label, "ERROR", f"{type(exc).__name__}: {str(exc)[:200]}"))
+
+
+@section
+def attention_timing():
+    length, block = 4096, 32
+    for docs in (1, 4):
+        spec = bdlm_spec(1, length, block, docs)
+        q, k, v, do = qkv(spec, 8, 2, 128, jnp.bfloat16)
+        case = f"BDLM L={length} (T=2L) LB={block} docs={docs} B=1 H8/2 D128 bf16 fwd+bwd"
+        impls = {"dense XLA": REF, "xla_sparse": SPARSE, "pallas 64x64": pallas(64, 64),
+                 "pallas 128x64": pallas(128, 64)}
+        for impl, fn in impls.items():
+            try:
+                TIMINGS.append((case, impl, timed(fn, q, k, v, do, spec)))
+            except Exception as exc:
+                traceback.print_exc()
+                RESULTS.append((f"time {impl} docs={docs}", "ERROR", f"{type(exc).__name__}: {str(exc)[:200]}"))
+
+
+def _groups(rows, experts, seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.multinomial(rows, rng.dirichlet(np.ones(experts)))
+    sizes[rng.choice(experts, size=max(1, experts // 8), replace=False)] = 0  # empty groups
+    sizes[0] += rows - sizes.sum()
+    return jnp.asarray(sizes, jnp.int32)
+
+
+@section
+def gmm_correctness():
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for m, kd, n, e in ((512, 256, 384, 8), (1000, 128, 200, 16)):
+            label = f"gmm M{m} K{kd} N{n} E{e} {jnp.dtype(dtype).name}"
+            try:
+                gs = _groups(m - 40, e, m)  # 40 trailing rows in no group
+                ks = jax.random.split(jax.random.PRNGKey(m), 3)
+                x = jax.random.normal(ks[0], (m, kd), jnp.float32).astype(dtype)
+                w = (jax.random.normal(ks[1], (e, kd, n), jnp.float32) / kd ** 0.5).astype(dtype)
+                dy = jax.random.normal(ks[2], (m, n), jnp.float32)
+
+                def run(f):
+                    out, vjp = jax.vjp(lambda x, w: f(x, w, gs), x, w)
+                    return (out, *vjp(dy))
+                with jax.default_matmul_precision("highest"):
+                    ref = jax.jit(lambda: run(lambda x, w, g: jax.lax.ragged_dot(
+                        x.astype(jnp.float32), w.astype(jnp.float32), g)))()
+                got = jax.jit(lambda: run(lambda x, w, g: gmm_gpu.grouped_matmul(x, w, g)))()
+                errs = [rel_err(a, b) for a, b in zip(got, ref)]
+                ok = max(errs) <= TOL[dtype] and all(bool(jnp.isfinite(a.astype(jnp.float32)).all()) for a in got)
+                RESULTS.append((label, "ok" if ok else "FAIL", "rel err out/dx/dw " + " ".join(f"{x:.1e}" for x in errs)))
+            except Exception as exc:
+                traceback.print_exc()
+                RESULTS.append((label, "ERROR", f"{type(exc).__name__}: {str(exc)[:200]}"))
+
+
+@section
+def gmm_timing():
+    tokens, k_top, e, d, inter = 4096, 8, 64, 1024, 512
+    m = tokens * k_top
+    gs = _groups(m, e, 0)
+    x = jax.random.normal(jax.random.PRNGKey(1), (m, d), jnp.bfloat16)
+    w = jax.random.normal(jax.random.PRNGKey(2), (e, d, inter), jnp.bfloat16)
+    case = f"gmm M={m} (N_tok={tokens}, k={k_top}) E={e} K={d} N={inter} bf16 fwd+bwd"
+
+    def bench(f):
+        return jax.jit(jax.grad(lambda x, w: f(x, w, gs).astype(jnp.float32).sum(), (0, 1)))
+    impls = {"ragged_dot": lambda x, w, g: jax.lax.ragged_dot(x, w, g, preferred_element_type=jnp.float32),
+             "pallas gmm": lambda x, w, g: gmm_gpu.grouped_matmul(x, w, g)}
+    for impl, f in impls.items():
+        try:
+            TIMINGS.append((case, impl, timed(bench(f), x, w)))
+        except Exception as exc:
+            traceback.print_exc()
+            RESULTS.append((f"time {impl}", "ERROR", f"{type(exc).__name__}: {str(exc)[:200]}"))
+
+
+def main() -> int:
+    print(f"jax {jax.__version__}, devices {jax.devices()}", flush=True)
+    for step in (attention_correctness, gmm_correctness, attention_timing, gmm_timing):
+        t0 = time.perf_counter()
+        step()
+        print(f"[{step.__name__}] {time.perf_counter() - t0:.1f}s", flush=True)
+    print("\n## Correctness\n\n| check | status | detail |\n|---|---|---|")
+    for row in RESULTS:
+        print("| " + " | ".join(row) + " |")
+    print("\n## Timings (median of 5, ms)\n\n| case | impl | ms |\n|---|---|---|")
+    for case, impl, ms in TIMINGS:
+        print(f"| {case} | {impl} | {ms:.2f} |")
+    bad = [r for r in RESULTS if r[1] != "ok"]
+    print(f"\n{len(RESULTS) - len(bad)}/{len(RESULTS)} checks ok")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Block-wise threshold decoding (spec §9.1) with an exact prefix KV cache (spec §9.2).
+
+Layout: every prompt is left-aligned at position 0 of its own canvas row (B, T); row b decodes its
+own block index, so rows of different prompt lengths run side by side and each row computes
+exactly what it would compute alone. One loop iteration = one model forward for the whole batch;
+per row it is either a denoising step on the row's current block, a cache refresh of the block
+just completed (cached path only), or nothing (the row is done).
+
+Cached path: one jitted call. The prompt's full blocks are prefilled once (bucketed to a power of
+two of blocks); each step feeds only the L_B tokens of each row's current block at their absolute
+positions, writes their K/V into the cache slots of that block and attends to slots < block end.
+A completed block is refreshed by one extra forward on its final tokens (not folded into the next
+block's first step, so every forward feeds exactly L_B tokens per row and has one static shape).
+Junk that the prefill or a finished row writes into later slots is always overwritten before any
+query can see it, because a block's queries only see slots up to their own block's end and every
+forward writes all slots of the block it feeds.
+
+Uncached path: every step runs the model on the canvas prefix x[:, :W] with the block-causal mask,
+W = (max current block of the unfinished rows + 1) · L_B — the exact prefix of a single-prompt
+run. It is jitted once per window length and re-entered from the host once per block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llada2_jax.diffusion.masks import MaskSpec
+from llada2_jax.inference import sampling
+from llada2_jax.inference.result import (GenerationResult, bucket, check_prompts, check_sampling,
+                                         check_token_id, cut_after_eos)
+from llada2_jax.model.cache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one decode call (part of the jit cache key)."""
+    block_size: int
+    quota: tuple[int, ...]
+    prefill_len: int  # cached path: prompt slots prefilled (0 = no full prompt block in any row)
+    window: int  # uncached path: model input length
+    cached: bool
+    greedy: bool
+    top_k: int | None
+    use_top_p: bool
+
+
+class _Rows(NamedTuple):
+    prompt_len: jax.Array  # (B,)
+    last_block: jax.Array  # (B,) index of the row's last canvas block
+    gen_end: jax.Array  # (B,) prompt_len + gen_length
+
+
+class _Knobs(NamedTuple):
+    threshold: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+    mask_id: jax.Array
+    eos_id: jax.Array
+    key: jax.Array
+
+
+class _Loop(NamedTuple):
+    x: jax.Array  # (B, T) canvas
+    block: jax.Array  # (B,) current block per row
+    step: jax.Array  # (B,) denoising step within the current block
+    refresh: jax.Array  # (B,) bool: the next forward refreshes the completed block
+    done: jax.Array  # (B,) bool
+    forwards: jax.Array  # () model calls for the batch
+    row_forwards: jax.Array  # (B,) model calls while the row was unfinished
+    cache: KVCache | None
+
+
+def slot_mask(positions, num_slots: int, block_size: int) -> MaskSpec:
+    """Queries at `positions` (B, T) see cache slots of blocks <= their own (block_size 1 = causal)."""
+    slots = jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32), (positions.shape[0], num_slots))
+    q_block, k_block = positions // block_size, slots // block_size
+    return MaskSpec(jnp.zeros_like(q_block), q_block, jnp.ones_like(q_block),
+                    jnp.zeros_like(k_block), k_block, jnp.ones_like(k_block), "block_causal")
+
+
+def _forward_block(model, loop: _Loop, idx, tokens, plan: _Plan):
+    """Logits (B, L_B, V) of each row's current block, and the updated cache."""
+    if plan.cached:
+        out = model.forward(tokens, idx, slot_mask(idx, loop.x.shape[1], plan.block_size), cache=loop.cache)
+        return out.logits, out.cache
+    b, w = loop.x.shape[0], plan.window
+    positions = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
+    spec = MaskSpec.block_causal(jnp.ones((b, w), jnp.int32), plan.block_size)
+    hidden = model.forward(loop.x[:, :w], positions, spec, compute_logits=False).hidden
+    rows = jnp.take_along_axis(hidden, jnp.minimum(idx, w - 1)[..., None], axis=1)  # finished rows may lie beyond w
+    return model.logits_from_hidden(rows), None
+
+
+def _step(model, loop: _Loop, rows: _Rows, knobs: _Knobs, plan: _Plan) -> _Loop:
+    """One forward for the batch, then commit accepted tokens and move rows between phases."""
+    size = plan.block_size
+    batch, length = loop.x.shape
+    idx = loop.block[:, None] * size + jnp.arange(size, dtype=jnp.int32)  # (B, L_B) absolute positions
+    tokens = jnp.take_along_axis(loop.x, idx, axis=1)
+    logits, cache = _forward_block(model, loop, idx, tokens, plan)
+
+    active = ~loop.done
+    decoding = active & ~loop.refresh
+    undecided = (tokens == knobs.mask_id) & (idx >= rows.prompt_len[:, None])
+    keys = sampling.row_keys(knobs.key, jnp.arange(batch), loop.row_forwards)
+    cand, conf = sampling.propose(logits, keys, temperature=knobs.temperature, greedy=plan.greedy,
+                                  top_k=plan.top_k, top_p=knobs.top_p if plan.use_top_p else None,
+                                  exclude_id=knobs.mask_id)
+    quota = jnp.asarray(plan.quota, jnp.int32)[jnp.minimum(loop.step, len(plan.quota) - 1)]
+    take = sampling.accept(conf, undecided & decoding[:, None], quota, knobs.threshold)
+    x = loop.x.at[jnp.arange(batch)[:, None], idx].set(jnp.where(take, cand, tokens))
+
+    complete = decoding & ~jnp.any(undecided & ~take, axis=-1)
+    col = jnp.arange(length, dtype=jnp.int32)
+    seen_end = jnp.minimum(rows.gen_end, (loop.block + 1) * size)
+    generated = (col >= rows.prompt_len[:, None]) & (col < seen_end[:, None])
+    eos = jnp.any((x == knobs.eos_id) & generated, axis=-1)
+    finish = complete & (eos | (loop.block == rows.last_block))
+    if plan.cached:
+        advance, refresh = active & loop.refresh, complete & ~finish
+    else:
+        advance, refresh = complete & ~finish, loop.refresh
+    return _Loop(x, loop.block + advance, jnp.where(advance, 0, loop.step + decoding), refresh,
+                 loop.done | finish, loop.forwards + 1, loop.row_forwards + active, cache)
+
+
+def _initial_loop(x, rows: _Rows, block_size: int, cache, forwards, row_forwards) -> _Loop:
+    batch = x.shape[0]
+    zeros = jnp.zeros((batch,), jnp.int32)
+    false = jnp.zeros((batch,), bool)
+    return _Loop(x, rows.prompt_len // block_size, zeros, false, false, forwards, row_forwards, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _decode_cached(graphdef, state, x, rows: _Rows, knobs: _Knobs, plan: _Plan):
+    """Prefill + the whole block loop in one compiled call; returns (canvas, forwards, row_forwards)."""
+    model = nnx.merge(graphdef, state)
+    batch, length = x.shape
+    cache = KVCache.create(model.config, batch, length)
+    forwards, row_forwards = jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32)
+    if plan.prefill_len:
+        positions = jnp.broadcast_to(jnp.arange(plan.prefill_len, dtype=jnp.int32), (batch, plan.prefill_len))
+        cache = model.forward(x[:, :plan.prefill_len], positions, slot_mask(positions, length, plan.block_size),
+                              cache=cache, compute_logits=False).cache
+        forwards = forwards + 1
+        row_forwards = (rows.prompt_len >= plan.block_size).astype(jnp.int32)  # rows that own a full block
+    loop = _initial_loop(x, rows, plan.block_size, cache, forwards, row_forwards)
+    loop = jax.lax.while_loop(lambda lp: ~jnp.all(lp.done), lambda lp: _step(model, lp, rows, knobs, plan), loop)
+    return loop.x, loop.forwards, loop.row_forwards
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _decode_window(graphdef, state, loop: _Loop, rows: _Rows, knobs: _Knobs, plan: _Plan) -> _Loop:
+    """Uncached steps while every unfinished row's current block lies inside the window."""
+    model = nnx.merge(graphdef, state)
+
+    def inside(lp):
+        return ~jnp.all(lp.done) & jnp.all(lp.done | ((lp.block + 1) * plan.block_size <= plan.window))
+
+    return jax.lax.while_loop(inside, lambda lp: _step(model, lp, rows, knobs, plan), loop)
+
+
+def _decode_uncached(graphdef, state, x, rows: _Rows, knobs: _Knobs, plan: _Plan):
+    batch = x.shape[0]
+    loop = _initial_loop(jnp.asarray(x), rows, plan.block_size, None, jnp.zeros((), jnp.int32),
+                         jnp.zeros((batch,), jnp.int32))
+    while True:
+        done, block = jax.device_get((loop.done, loop.block))
+        if done.all():
+            return loop.x, loop.forwards, loop.row_forwards
+        window = int(block[~done].max() + 1) * plan.block_size
+        loop = _decode_window(graphdef, state, loop, rows, knobs, dataclasses.replace(plan, window=window))
+
+
+def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold: float = 0.95,
+             steps: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, mask_id: int, eos_id: int, use_cache: bool = True,
+             rng=None) -> GenerationResult:
+    """Block-wise threshold decoding of a batch of prompts (lists of token ids).
+
+    Per block and step: commit every masked position whose confidence exceeds `threshold`, else
+    the quota[step] most confident ones (quota: block_size split over `steps`, default one per
+    step; steps above block_size are clamped). `[MASK]` is never proposed. A row stops after the
+    block in which it produced EOS, or after gen_length tokens. With temperature > 0 a row's
+    random stream depends on its index in the batch; greedy rows equal single-prompt runs.
+    """
+    config = model.config
+    arrays = check_prompts(prompts, config.vocab_size, allow_empty=True)
+    if not isinstance(gen_length, (int, np.integer)) or gen_length <= 0:
+        raise ValueError(f"gen_length={gen_length!r} must be a positive integer")
+    if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be a positive integer")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold={threshold} must be in [0, 1]")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1 (or None for one token per step)")
+    check_token_id("mask_id", mask_id, config.vocab_size)
+    check_token_id("eos_id", eos_id, config.vocab_size)
+    check_sampling(temperature, top_k, top_p)
+    prompt_len = np.array([a.size for a in arrays], np.int32)
+    longest = int(prompt_len.max()) + gen_length
+    if longest > config.max_position_embeddings:
+        raise ValueError(f"prompt length {int(prompt_len.max())} + gen_length={gen_length} = {longest} exceeds "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+
+    num_blocks = -(-(prompt_len + gen_length) // block_size)
+    length = block_size * bucket(int(num_blocks.max()))
+    full_blocks = int((prompt_len // block_size).max())
+    x = np.full((len(arrays), length), mask_id, np.int32)
+    for i, a in enumerate(arrays):
+        x[i, :a.size] = a
+    plan = _Plan(block_size=block_size,
+                 quota=tuple(int(q) for q in sampling.quota_schedule(block_size, min(steps or block_size, block_size))),
+                 prefill_len=block_size * bucket(full_blocks) if use_cache and full_blocks else 0,
+                 window=0, cached=use_cache, greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None)
+    rows = _Rows(jnp.asarray(prompt_len), jnp.asarray(num_blocks - 1, jnp.int32),
+                 jnp.asarray(prompt_len + gen_length, jnp.int32))
+    knobs = _Knobs(jnp.float32(threshold), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p or 1.0),
+                   jnp.int32(mask_id), jnp.int32(eos_id), jax.random.PRNGKey(0) if rng is None else rng)
+    graphdef, state = nnx.split(model)
+
+    start = time.perf_counter()
+    run = _decode_cached if use_cache else _decode_uncached
+    canvas, forwards, row_forwards = jax.device_get(run(graphdef, state, x, rows, knobs, plan))
+    wall = time.perf_counter() - start
+
+    tokens, counted = [], 0
+    for i, p in enumerate(prompt_len):
+        ids, n = cut_after_eos(canvas[i, p:p + gen_length], eos_id)
+        tokens.append(ids)
+        counted += n
+    return GenerationResult(tokens, int(forwards), [int(r) for r in row_forwards], counted, wall)

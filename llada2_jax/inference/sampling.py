@@ -1,0 +1,80 @@
+"""Token proposal and acceptance rules shared by the block decoder and the AR decoder.
+
+`propose` turns logits into one candidate token per position plus its confidence (spec §9.1):
+greedy (temperature 0: argmax, confidence = its unfiltered softmax probability) or filtered
+sampling (temperature, top-k, top-p; confidence = the drawn token's probability under the
+filtered distribution). An excluded id (the `[MASK]` token) gets logit -inf first, so it is
+never proposed. `accept` is the hybrid threshold / low-confidence-fallback rule.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def quota_schedule(block_size: int, steps: int) -> np.ndarray:
+    """Tokens to commit per step: block_size split evenly, the first block_size % steps get one more."""
+    base, extra = divmod(block_size, steps)
+    quota = np.full((steps,), base, np.int32)
+    quota[:extra] += 1
+    return quota
+
+
+def filter_logits(logits, top_k: int | None, top_p):
+    """Keep the top_k largest logits and the smallest prefix holding top_p of the mass; -inf elsewhere.
+
+    Ties at a cut-off are all kept. `top_k` is static; `top_p` may be traced (None = off).
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        ordered = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # mass strictly before this token
+        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def propose(logits, keys, *, temperature, greedy: bool, top_k: int | None = None, top_p=None,
+            exclude_id=None):
+    """Candidate tokens and confidences for logits (B, T, V); keys: one PRNG key per row (B,).
+
+    Returns (tokens int32 (B, T), confidence float32 (B, T)).
+    """
+    logits = logits.astype(jnp.float32)
+    if exclude_id is not None:
+        logits = logits.at[..., exclude_id].set(-jnp.inf)
+    if greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+        conf = jnp.exp(jnp.max(logits, axis=-1) - jax.nn.logsumexp(logits, axis=-1))
+        return tokens.astype(jnp.int32), conf
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    tokens = jax.vmap(lambda k, row: jax.random.categorical(k, row, axis=-1))(keys, logits)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    conf = jnp.exp(jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0])
+    return tokens.astype(jnp.int32), conf
+
+
+def accept(conf, masked, quota, threshold):
+    """Which masked positions to commit this step (bool (B, L)).
+
+    Every masked position with confidence > threshold; if fewer than quota[b] pass, instead the
+    min(quota[b], #masked) most confident ones (ties go to the lower index).
+    """
+    conf = jnp.where(masked, conf, -jnp.inf)
+    high = masked & (conf > threshold)
+    idx = jnp.arange(conf.shape[-1])
+    ahead = (conf[:, :, None] > conf[:, None, :]) | (
+        (conf[:, :, None] == conf[:, None, :]) & (idx[:, None] < idx[None, :]))
+    rank = jnp.sum(ahead, axis=1)  # rank[b, j] = positions ranked before j
+    fallback = masked & (rank < quota[:, None])
+    enough = jnp.sum(high, axis=-1) >= quota
+    return jnp.where(enough[:, None], high, fallback)
+
+
+def row_keys(key, row_ids, counters):
+    """One key per row from (row id, per-row counter), so a row's stream ignores the other rows."""
+    return jax.vmap(lambda r, n: jax.random.fold_in(jax.random.fold_in(key, r), n))(row_ids, counters)

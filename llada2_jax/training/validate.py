@@ -1,0 +1,108 @@
+"""Start-up checks of a run config: every impossible setting fails before any work, naming its field."""
+from __future__ import annotations
+
+import os
+
+from llada2_jax.data import corpora
+from llada2_jax.training import mesh as mesh_lib
+from llada2_jax.training import model_source as ms
+from llada2_jax.training import sharding as shd
+from llada2_jax.training import stages as stages_lib
+
+_POSITIVE_TRAIN_FIELDS = ("batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
+                          "max_nonfinite_streak", "eval_batch_size")
+
+
+def _stage_names(config) -> list[str]:
+    names = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+    if not names:
+        raise ValueError("config.stages is empty; list stage names, e.g. 'ar_pretrain,wsd,merge,eval'")
+    for name in names:
+        stages_lib.get_stage(name)
+        if name not in config:
+            raise ValueError(f"config.stages lists {name!r} but the config has no `{name}` section")
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.stages={config.stages!r} names a stage twice")
+    return names
+
+
+def _check_train(config, num_devices: int) -> None:
+    t = config.train
+    for field in _POSITIVE_TRAIN_FIELDS:
+        if t[field] < 1:
+            raise ValueError(f"train.{field}={t[field]} must be >= 1")
+    if t.eval_batches < 0 or t.eval_every < 0:
+        raise ValueError(f"train.eval_batches={t.eval_batches} and train.eval_every={t.eval_every} must be >= 0")
+    shape = mesh_lib.resolve_mesh_shape(dict(config.mesh), num_devices)
+    divisor = shd.batch_divisor(shape)
+    if t.batch_size % (divisor * t.grad_accum):
+        raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum} "
+                         f"x the batch-sharding devices (mesh data*fsdp*expert = {divisor})")
+    if t.eval_batch_size % divisor:
+        raise ValueError(f"train.eval_batch_size={t.eval_batch_size} must be a multiple of mesh data*fsdp*expert"
+                         f" = {divisor}")
+
+
+def _check_optimizer(config) -> None:
+    o = config.optimizer
+    for field in ("b1", "b2"):
+        if not 0.0 <= o[field] < 1.0:
+            raise ValueError(f"optimizer.{field}={o[field]} must be in [0, 1)")
+    for field in ("eps", "weight_decay", "grad_clip"):
+        if o[field] < 0:
+            raise ValueError(f"optimizer.{field}={o[field]} must be >= 0")
+
+
+def _check_data(config) -> None:
+    d = config.data
+    if d.seq_len < 1:
+        raise ValueError(f"data.seq_len={d.seq_len} must be >= 1")
+    if d.align_to_block and d.seq_len % d.align_to_block:
+        raise ValueError(f"data.align_to_block={d.align_to_block} does not divide data.seq_len={d.seq_len}")
+    if not 0.0 < d.heldout_fraction < 1.0:
+        raise ValueError(f"data.heldout_fraction={d.heldout_fraction} must be in (0, 1)")
+    for name in [c.strip() for c in str(d.corpora).split(",") if c.strip()] or [""]:
+        if name not in corpora.CORPORA and not os.path.exists(name):
+            raise ValueError(f"data.corpora: {name!r} is neither a corpus name {corpora.CORPORA} nor an existing "
+                             f"path")
+
+
+def _check_model(config) -> None:
+    kind, arg = ms.parse_source(config.model.source)
+    if kind in ("hf", "workdir") and not os.path.isdir(arg):
+        raise ValueError(f"model.source={config.model.source!r}: directory {arg!r} does not exist")
+    if kind == "gguf" and arg != "smollm2" and not os.path.exists(arg):
+        raise ValueError(f"model.source={config.model.source!r}: file {arg!r} does not exist")
+    if kind != "init":
+        return
+    arch = config.model.arch
+    vocab = arch.vocab_size or (config.tokenizer.vocab_size if config.tokenizer.kind == "sentencepiece" else 0)
+    mask = arch.get("mask_token_id")
+    if mask is not None and vocab and not 0 <= mask < vocab:
+        raise ValueError(f"model.arch.mask_token_id={mask} is outside the vocabulary [0, {vocab})")
+    if config.data.seq_len > arch.max_position_embeddings:
+        raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.arch.max_position_embeddings="
+                         f"{arch.max_position_embeddings}")
+
+
+def _check_tokenizer(config) -> None:
+    tok = config.tokenizer
+    if tok.kind not in ("sentencepiece", "smollm2", "dir"):
+        raise ValueError(f"tokenizer.kind={tok.kind!r}; expected 'sentencepiece', 'smollm2' or 'dir'")
+    if tok.kind == "dir" and not os.path.isdir(tok.path):
+        raise ValueError(f"tokenizer.path={tok.path!r} is not a directory (tokenizer.kind='dir')")
+
+
+def validate_config(config, num_devices: int) -> None:
+    """Raise ValueError (naming the field) for the first impossible setting found."""
+    names = _stage_names(config)
+    _check_tokenizer(config)
+    _check_data(config)
+    _check_model(config)
+    _check_optimizer(config)
+    _check_train(config, num_devices)
+    for name in names:
+        stages_lib.get_stage(name).validate(config)
+    if "merge" in names and config.merge.top_k > config.train.keep_checkpoints:
+        raise ValueError(f"merge.top_k={config.merge.top_k} exceeds train.keep_checkpoints="
+                         f"{config.train.keep_checkpoints} (the merge candidates)")
