@@ -40,7 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(dict(
         batch_size=8, grad_accum=1, log_every=10, eval_every=0, eval_batches=4, eval_batch_size=8,
-        checkpoint_every=100, keep_checkpoints=3, max_nonfinite_streak=10))
+        checkpoint_every=100, keep_checkpoints=3, max_nonfinite_streak=10,
+        stop_after_steps=0))  # >0: save and exit 0 after this many steps (time-limited job slots)
 
     c.optimizer = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "experiments/tiny_wsd.py", "experiment config file", lock_config=True)
@@ -32,6 +32,7 @@ def apply_smoke(config) -> None:
 
 def main(argv) -> int:
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
     config = flags.FLAGS.config
     import jax
     if config.distributed:

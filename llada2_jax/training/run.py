@@ -43,10 +43,11 @@ def model_runtime(config) -> dict:
 
 
 class Run:
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, devices=None):
+        """`devices`: the devices the mesh spans (default: all devices of all processes)."""
         self.config, self.workdir = config, os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
-        self.mesh = mesh_lib.make_mesh(config.mesh)
+        self.mesh = mesh_lib.make_mesh(config.mesh, devices)
         self.logger = MetricsLogger(self.workdir)
         self._tokenizer = None
         self._documents: dict[str, list] = {}
@@ -155,7 +156,8 @@ class Run:
         t = self.config.train
         return TrainSettings(batch_size=t.batch_size, grad_accum=t.grad_accum, log_every=t.log_every,
                              eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
-                             keep_checkpoints=t.keep_checkpoints, max_nonfinite_streak=t.max_nonfinite_streak)
+                             keep_checkpoints=t.keep_checkpoints, max_nonfinite_streak=t.max_nonfinite_streak,
+                             stop_after_steps=t.stop_after_steps)
 
     def checkpoint_dir(self, stage_name: str) -> str:
         return os.path.join(self.workdir, "checkpoints", stage_name)

@@ -47,6 +47,7 @@ class TrainSettings:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     max_nonfinite_streak: int = 10
+    stop_after_steps: int = 0  # >0: checkpoint and stop (Preempted) after this many steps of one invocation
     async_checkpoints: bool = True
 
 
@@ -228,7 +229,8 @@ class Trainer:
 
     def _save(self, state: TrainState, data_iterator) -> None:
         step = int(state.step)
-        self.checkpointer.save(step, state, self._meta(step), data_iterator)
+        if step != self.checkpointer.latest_step():
+            self.checkpointer.save(step, state, self._meta(step), data_iterator)
 
     # ---------------- the loop ----------------
     def initial_state(self, data_iterator) -> TrainState:
@@ -285,10 +287,12 @@ class Trainer:
                                                **{f"eval_{k}": v for k, v in ev.items()}})
                     if done % st.checkpoint_every == 0 or segment_end:
                         self._save(state, data_iterator)
-                    if stop.any_process():
+                    time_up = st.stop_after_steps and done - start >= st.stop_after_steps and done < self.total_steps
+                    if stop.any_process() or time_up:
                         self._save(state, data_iterator)
                         self.checkpointer.wait()
-                        raise Preempted(f"SIGTERM: saved step {done} of stage {self.stage.name!r}")
+                        why = "SIGTERM" if stop.raised else f"train.stop_after_steps={st.stop_after_steps}"
+                        raise Preempted(f"{why}: saved step {done} of stage {self.stage.name!r}")
                 if pending is not None:
                     self._check_finite(pending)
         finally:
