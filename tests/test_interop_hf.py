@@ -134,6 +134,19 @@ def test_own_round_trip_is_exact(saved_llama, tmp_path):
     np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(again(tokens)))
 
 
+def test_bf16_load_and_save(saved_llama, tmp_path):
+    fp32 = hf.load_pretrained(saved_llama)
+    bf16 = hf.load_pretrained(saved_llama, dtype=jnp.bfloat16)
+    assert bf16.config.param_dtype == "bfloat16" and bf16.dense_layers.wq[...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(bf16.dense_layers.wo[...]),
+                                  np.asarray(fp32.dense_layers.wo[...].astype(jnp.bfloat16)))
+    hf.save_pretrained(bf16, tmp_path)
+    saved = safetensors.numpy.load_file(os.path.join(tmp_path, hf.SINGLE_FILE))
+    assert str(saved["model.layers.0.self_attn.q_proj.weight"].dtype) == "bfloat16"
+    with open(os.path.join(tmp_path, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+
+
 def test_missing_tensor_names_it(saved_llama):
     _rewrite_tensors(saved_llama, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*\(8, 16\).*missing"):

@@ -51,6 +51,12 @@ def cap_entropy(logits, targets, loss_mask) -> jax.Array:
     return jnp.sum(jnp.where(correct, entropy, 0.0)) / jnp.maximum(n, 1)
 
 
+def _inverse_t(t) -> jax.Array:
+    """1/t per row as (B, 1); a row with t = 0 (an empty complementary view) gets 0, not inf/NaN gradients."""
+    t = jnp.asarray(t, jnp.float32)[:, None]
+    return jnp.where(t > 0, 1.0 / jnp.where(t > 0, t, 1.0), 0.0)
+
+
 def _check_weighting(weighting: str) -> None:
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r}; expected one of {WEIGHTINGS}")
@@ -67,7 +73,7 @@ def diffusion_loss_from_logits(logits, batch: DiffusionBatch, *, weighting: str 
     masked_ce = jnp.sum(jnp.where(m, ce, 0.0))
     masked_mean = masked_ce / jnp.maximum(n_masked, 1)
     if weighting == "elbo":
-        weighted = jnp.where(m, ce / batch.t[:, None], 0.0)
+        weighted = jnp.where(m, ce * _inverse_t(batch.t), 0.0)
         loss = jnp.sum(weighted) / jnp.maximum(n_eligible, 1)
     else:
         loss = masked_mean
@@ -124,7 +130,7 @@ def sequence_elbo(model, batch: DiffusionBatch, *, embed_noise=None) -> jax.Arra
     """
     logits, _ = query_logits(model, batch, embed_noise=embed_noise)
     logp = -token_cross_entropy(logits, batch.targets)
-    return jnp.sum(jnp.where(batch.loss_mask, logp / batch.t[:, None], 0.0), axis=-1)
+    return jnp.sum(jnp.where(batch.loss_mask, logp * _inverse_t(batch.t), 0.0), axis=-1)
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float):

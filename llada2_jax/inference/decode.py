@@ -42,7 +42,6 @@ from llada2_jax.model.cache import KVCache
 class _Plan:
     """Everything static about one decode call (part of the jit cache key)."""
     block_size: int
-    quota: tuple[int, ...]
     prefill_len: int  # cached path: prompt slots prefilled (0 = no full prompt block in any row)
     window: int  # uncached path: model input length
     cached: bool
@@ -58,6 +57,7 @@ class _Rows(NamedTuple):
 
 
 class _Knobs(NamedTuple):
+    quota: jax.Array  # (block_size,) tokens to commit per step; entries past `steps` are never reached
     threshold: jax.Array
     temperature: jax.Array
     top_p: jax.Array
@@ -113,7 +113,7 @@ def _step(model, loop: _Loop, rows: _Rows, knobs: _Knobs, plan: _Plan) -> _Loop:
     cand, conf = sampling.propose(logits, keys, temperature=knobs.temperature, greedy=plan.greedy,
                                   top_k=plan.top_k, top_p=knobs.top_p if plan.use_top_p else None,
                                   exclude_id=knobs.mask_id)
-    quota = jnp.asarray(plan.quota, jnp.int32)[jnp.minimum(loop.step, len(plan.quota) - 1)]
+    quota = knobs.quota[jnp.minimum(loop.step, size - 1)]
     take = sampling.accept(conf, undecided & decoding[:, None], quota, knobs.threshold)
     x = loop.x.at[jnp.arange(batch)[:, None], idx].set(jnp.where(take, cand, tokens))
 
@@ -179,6 +179,22 @@ def _decode_uncached(graphdef, state, x, rows: _Rows, knobs: _Knobs, plan: _Plan
         loop = _decode_window(graphdef, state, loop, rows, knobs, dataclasses.replace(plan, window=window))
 
 
+def _check_args(config, longest_prompt, gen_length, block_size, threshold, steps, mask_id, eos_id) -> None:
+    if not isinstance(gen_length, (int, np.integer)) or gen_length <= 0:
+        raise ValueError(f"gen_length={gen_length!r} must be a positive integer")
+    if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be a positive integer")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold={threshold} must be in [0, 1]")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1 (or None for one token per step)")
+    check_token_id("mask_id", mask_id, config.vocab_size)
+    check_token_id("eos_id", eos_id, config.vocab_size)
+    if longest_prompt + gen_length > config.max_position_embeddings:
+        raise ValueError(f"prompt length {longest_prompt} + gen_length={gen_length} = {longest_prompt + gen_length} "
+                         f"exceeds max_position_embeddings={config.max_position_embeddings}")
+
+
 def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold: float = 0.95,
              steps: int | None = None, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, mask_id: int, eos_id: int, use_cache: bool = True,
@@ -191,24 +207,10 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     block in which it produced EOS, or after gen_length tokens. With temperature > 0 a row's
     random stream depends on its index in the batch; greedy rows equal single-prompt runs.
     """
-    config = model.config
-    arrays = check_prompts(prompts, config.vocab_size, allow_empty=True)
-    if not isinstance(gen_length, (int, np.integer)) or gen_length <= 0:
-        raise ValueError(f"gen_length={gen_length!r} must be a positive integer")
-    if not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r} must be a positive integer")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold={threshold} must be in [0, 1]")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1 (or None for one token per step)")
-    check_token_id("mask_id", mask_id, config.vocab_size)
-    check_token_id("eos_id", eos_id, config.vocab_size)
-    check_sampling(temperature, top_k, top_p)
+    arrays = check_prompts(prompts, model.config.vocab_size, allow_empty=True)
     prompt_len = np.array([a.size for a in arrays], np.int32)
-    longest = int(prompt_len.max()) + gen_length
-    if longest > config.max_position_embeddings:
-        raise ValueError(f"prompt length {int(prompt_len.max())} + gen_length={gen_length} = {longest} exceeds "
-                         f"max_position_embeddings={config.max_position_embeddings}")
+    _check_args(model.config, int(prompt_len.max()), gen_length, block_size, threshold, steps, mask_id, eos_id)
+    check_sampling(temperature, top_k, top_p)
 
     num_blocks = -(-(prompt_len + gen_length) // block_size)
     length = block_size * bucket(int(num_blocks.max()))
@@ -216,14 +218,17 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     x = np.full((len(arrays), length), mask_id, np.int32)
     for i, a in enumerate(arrays):
         x[i, :a.size] = a
+    quota = np.ones((block_size,), np.int32)
+    schedule = sampling.quota_schedule(block_size, min(steps or block_size, block_size))
+    quota[:schedule.size] = schedule
     plan = _Plan(block_size=block_size,
-                 quota=tuple(int(q) for q in sampling.quota_schedule(block_size, min(steps or block_size, block_size))),
                  prefill_len=block_size * bucket(full_blocks) if use_cache and full_blocks else 0,
                  window=0, cached=use_cache, greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None)
     rows = _Rows(jnp.asarray(prompt_len), jnp.asarray(num_blocks - 1, jnp.int32),
                  jnp.asarray(prompt_len + gen_length, jnp.int32))
-    knobs = _Knobs(jnp.float32(threshold), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p or 1.0),
-                   jnp.int32(mask_id), jnp.int32(eos_id), jax.random.PRNGKey(0) if rng is None else rng)
+    knobs = _Knobs(jnp.asarray(quota), jnp.float32(threshold), jnp.float32(max(temperature, 1e-6)),
+                   jnp.float32(top_p or 1.0), jnp.int32(mask_id), jnp.int32(eos_id),
+                   jax.random.PRNGKey(0) if rng is None else rng)
     graphdef, state = nnx.split(model)
 
     start = time.perf_counter()

@@ -1,0 +1,295 @@
+"""Block-wise threshold decoding: a plain-numpy reference of spec §9.1, exact expectations on a model
+whose confidences are set through its weights, cache vs no cache, batching, train/infer
+consistency, compilation count and bad input."""
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llada2_jax.diffusion import layout
+from llada2_jax.inference import decode, generate
+from llada2_jax.model import KVCache, ModelConfig, Transformer
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+MASK, L = 63, 8
+PROMPT = [5, 9, 2, 7, 1, 3, 3, 8, 4, 11, 12]  # one full block + a 3-token tail in the first decoded block
+_FORWARD = nnx.jit(lambda m, tokens, allow: m(tokens, None, allow))
+
+
+@functools.lru_cache(maxsize=None)
+def confident_model(seed: int) -> Transformer:
+    """Random weights, attention/MLP scaled up (outputs vary with context) and lm_head x30 (confident)."""
+    model = Transformer(CFG, rngs=nnx.Rngs(seed))
+    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+        var = getattr(model.dense_layers, name)
+        var.set_value(var[...] * 10)
+    model.lm_head.set_value(model.lm_head[...] * 30)
+    return model
+
+
+def reference_decode(model, prompt, gen_length, threshold, steps, eos_id):
+    """Spec §9.1 as a plain loop: full canvas with a dense block-causal mask at every step.
+
+    Returns (tokens cut after EOS, forwards, blocks decoded, set of acceptance paths taken).
+    """
+    p = len(prompt)
+    n_blocks = -(-(p + gen_length) // L)
+    x = np.full(n_blocks * L, MASK)
+    x[:p] = prompt
+    base, extra = divmod(L, steps)
+    quota = [base + (s < extra) for s in range(steps)]
+    allow = (np.arange(x.size)[:, None] // L) >= (np.arange(x.size)[None] // L)
+    forwards, blocks, paths = 0, 0, set()
+    for k in range(p // L, n_blocks):
+        blocks += 1
+        pos = np.arange(k * L, (k + 1) * L)
+        for s in range(steps):
+            masked = (x[pos] == MASK) & (pos >= p)
+            if not masked.any():
+                break
+            logits = np.asarray(_FORWARD(model, jnp.asarray(x[None]), jnp.asarray(allow[None])))[0, pos]
+            forwards += 1
+            logits = logits.astype(np.float64)
+            logits[:, MASK] = -np.inf
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            conf = np.where(masked, probs.max(-1), -np.inf)
+            high = conf > threshold
+            if high.sum() >= quota[s]:
+                take, path = high, "threshold"
+            else:
+                take = np.zeros(L, bool)
+                take[np.argsort(-conf, kind="stable")[:min(quota[s], masked.sum())]] = True
+                path = "fallback"
+            paths.add(path)
+            x[pos[take]] = probs.argmax(-1)[take]
+        if (x[p:min(p + gen_length, (k + 1) * L)] == eos_id).any():
+            break
+    out = [int(t) for t in x[p:p + gen_length]]
+    if eos_id in out:
+        out = out[:out.index(eos_id) + 1]
+    return out, forwards, blocks, paths
+
+
+def eos_in_second_block(model, prompt, gen_length, threshold, steps):
+    """A token whose first appearance lies in the second decoded block, so EOS stops mid-way."""
+    tokens, *_ = reference_decode(model, prompt, gen_length, threshold, steps, eos_id=-1)
+    first_block = L - len(prompt) % L
+    for i in range(first_block, first_block + L):
+        if tokens[i] not in tokens[:i]:
+            return tokens[i]
+    raise AssertionError("no token first appears in the second block; pick another seed")
+
+
+@pytest.mark.parametrize("seed,threshold,steps", [(0, 0.9, L), (3, 0.6, 3), (1, 1.0, 5), (0, 0.0, L)])
+def test_matches_reference_loop(seed, threshold, steps):
+    model = confident_model(seed)
+    eos = eos_in_second_block(model, PROMPT, 24, threshold, steps)
+    want, ref_forwards, blocks, paths = reference_decode(model, PROMPT, 24, threshold, steps, eos)
+    res = generate(model, [PROMPT], gen_length=24, block_size=L, threshold=threshold, steps=steps,
+                   mask_id=MASK, eos_id=eos)
+    assert res.tokens == [want]
+    assert want[-1] == eos and len(want) < 24
+    assert res.forwards == ref_forwards + 1 + (blocks - 1)  # + prefill + one refresh per finished block
+    assert res.num_generated == len(want) - 1
+    if threshold == 0.9:
+        assert paths == {"threshold", "fallback"}
+
+
+def test_cached_equals_uncached_and_accepts_several_per_step():
+    model = confident_model(0)
+    kw = dict(gen_length=13, block_size=L, threshold=0.7, mask_id=MASK, eos_id=62)
+    cached = generate(model, [PROMPT], use_cache=True, **kw)
+    uncached = generate(model, [PROMPT], use_cache=False, **kw)
+    assert cached.tokens == uncached.tokens
+    assert uncached.forwards < cached.num_generated  # some step committed more than one token
+    assert cached.forwards == uncached.forwards + 1 + 1  # prefill + the refresh of block 1 (blocks 1, 2 decoded)
+
+
+def test_batch_equals_single_runs():
+    model = confident_model(0)
+    prompts = [PROMPT[:3], PROMPT, PROMPT + [7] * 9]  # 0, 1 and 2 full prompt blocks
+    kw = dict(gen_length=24, block_size=L, threshold=0.9, mask_id=MASK, eos_id=62)
+    batch = generate(model, prompts, **kw)
+    singles = [generate(model, [p], **kw) for p in prompts]
+    assert batch.tokens == [s.tokens[0] for s in singles]
+    assert batch.row_forwards == [s.forwards for s in singles]
+    # one shared prefill, then the slowest row's steps and refreshes
+    assert batch.forwards == 1 + max(s.forwards - (len(p) >= L) for s, p in zip(singles, prompts))
+
+
+def test_batch_rows_stop_independently():
+    model = confident_model(0)
+    prompts = [PROMPT[:3], PROMPT, PROMPT + [7] * 9]
+    free = generate(model, prompts, gen_length=24, block_size=L, threshold=0.9, mask_id=MASK, eos_id=62)
+    eos = free.tokens[1][6]  # a token of row 1's second decoded block
+    stopped = generate(model, prompts, gen_length=24, block_size=L, threshold=0.9, mask_id=MASK, eos_id=eos)
+    for row_free, row in zip(free.tokens, stopped.tokens):
+        cut = row_free[:row_free.index(eos) + 1] if eos in row_free else row_free
+        assert row == cut
+    assert len(stopped.tokens[1]) <= 7 and min(stopped.row_forwards) < max(stopped.row_forwards)
+
+
+def test_no_recompilation_across_prompts_thresholds_and_steps():
+    model = confident_model(0)
+    kw = dict(gen_length=24, block_size=L, mask_id=MASK, eos_id=62)
+    generate(model, [PROMPT], threshold=0.9, **kw)
+    before = decode._decode_cached._cache_size()
+    generate(model, [PROMPT[::-1] + [1]], threshold=0.7, steps=3, **kw)  # same length buckets
+    generate(confident_model(1), [PROMPT[:9]], threshold=0.95, **kw)  # other weights, same config
+    assert decode._decode_cached._cache_size() == before
+
+
+# ---- a model whose confidence at [MASK] inputs is set exactly through its weights ----
+
+def constant_model(probs: dict[int, float]) -> Transformer:
+    """Zero attention output and MLP: the logits at a position depend only on its input token.
+
+    At [MASK] inputs the output distribution is `probs` (the rest of the mass spread evenly).
+    """
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    model.dense_layers.wo.set_value(jnp.zeros_like(model.dense_layers.wo[...]))
+    model.dense_layers.w_down.set_value(jnp.zeros_like(model.dense_layers.w_down[...]))
+    embed = np.zeros((CFG.vocab_size, CFG.hidden_size), np.float32)
+    embed[:, 1] = 1.0
+    embed[MASK] = 0.0
+    embed[MASK, 0] = 1.0
+    model.embed.set_value(jnp.asarray(embed))
+    rest = (1.0 - sum(probs.values())) / (CFG.vocab_size - len(probs))
+    target = np.full(CFG.vocab_size, np.log(rest))
+    for tok, p in probs.items():
+        target[tok] = np.log(p)
+    hidden = model.forward(jnp.asarray([[MASK]])).hidden[0, 0, 0]
+    head = np.zeros((CFG.hidden_size, CFG.vocab_size), np.float32)
+    head[0] = target / float(hidden)
+    model.lm_head.set_value(jnp.asarray(head))
+    return model
+
+
+def test_constant_model_logits_are_as_set():
+    model = constant_model({7: 0.6, 20: 0.1})
+    probs = jax.nn.softmax(model(jnp.asarray([[1, MASK, 2, MASK]]), mask="bidirectional")[0, 1])
+    np.testing.assert_allclose(probs[jnp.asarray([7, 20])], [0.6, 0.1], rtol=1e-4)
+
+
+# Prompt of 11 tokens, gen 24, L = 8: blocks 1 (5 masks), 2, 3, 4; 1 prefill and 3 refreshes.
+@pytest.mark.parametrize("probs,threshold,steps,want_token,want_forwards", [
+    ({7: 0.96}, 0.95, None, 7, 1 + 4 + 3),  # every mask above the threshold: one step per block
+    ({7: 0.96}, 0.97, None, 7, 1 + (5 + 8 + 8 + 8) + 3),  # none above: one (most confident) per step
+    ({7: 0.5}, 0.95, 3, 7, 1 + (2 + 3 + 3 + 3) + 3),  # quota 3, 3, 2 per step
+    ({7: 0.5}, 0.95, 5, 7, 1 + (3 + 5 + 5 + 5) + 3),  # quota 2, 2, 2, 1, 1
+    ({MASK: 0.9, 7: 0.096}, 0.95, None, 7, 1 + 4 + 3),  # [MASK] is the argmax: 7 has 0.96 without it
+])
+def test_threshold_fallback_and_quota(probs, threshold, steps, want_token, want_forwards):
+    model = constant_model(probs)
+    res = generate(model, [PROMPT], gen_length=24, block_size=L, threshold=threshold, steps=steps,
+                   mask_id=MASK, eos_id=62)
+    assert res.tokens == [[want_token] * 24]
+    assert res.forwards == want_forwards
+    assert res.tpf == pytest.approx(24 / want_forwards)
+
+
+def test_eos_stops_after_its_block():
+    model = constant_model({62: 0.99})
+    res = generate(model, [PROMPT, PROMPT[:2]], gen_length=24, block_size=L, threshold=0.95,
+                   mask_id=MASK, eos_id=62)
+    assert res.tokens == [[62], [62]]
+    assert res.row_forwards == [2, 1]  # prefill + one step; no prefill for a 2-token prompt
+    assert res.num_generated == 0
+
+
+# ---- train / inference consistency (spec §12.4) ----
+
+def test_training_layout_logits_equal_cached_decode_logits():
+    model = confident_model(2)
+    rng = np.random.default_rng(0)
+    k, n_blocks = 2, 4
+    x0 = rng.integers(0, MASK, (1, n_blocks * L))
+    noise = np.zeros_like(x0, bool)
+    noise[0, k * L + np.array([0, 3, 4, 7])] = True  # block k partly masked
+    noise[0, (k + 1) * L:] = rng.random((n_blocks - k - 1) * L) < 0.5  # later blocks: irrelevant
+    ones = np.ones_like(x0)
+    batch = layout.build_diffusion_batch(x0, ones, None, ones.astype(bool), noise, np.ones(1), mask_id=MASK,
+                                         block_size=L, vocab_size=CFG.vocab_size)
+    train_logits = model(batch.tokens, batch.positions, batch.mask)[0, k * L:(k + 1) * L]
+
+    xt = np.where(noise, MASK, x0)
+    slots = n_blocks * L
+    cache = KVCache.create(CFG, 1, slots)
+    prefix = jnp.arange(k * L)[None]
+    cache = model.forward(jnp.asarray(x0[:, :k * L]), prefix, decode.slot_mask(prefix, slots, L), cache=cache).cache
+    block = jnp.arange(k * L, (k + 1) * L)[None]
+    decode_logits = model.forward(jnp.asarray(xt[:, k * L:(k + 1) * L]), block, decode.slot_mask(block, slots, L),
+                                  cache=cache).logits[0]
+    np.testing.assert_allclose(decode_logits, train_logits, atol=1e-5, rtol=1e-5)
+
+
+# ---- bad input ----
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(prompts=[]), r"prompts"),
+    (dict(gen_length=0), r"gen_length=0"),
+    (dict(gen_length=-3), r"gen_length=-3"),
+    (dict(gen_length=120), r"max_position_embeddings=128"),
+    (dict(threshold=1.5), r"threshold=1.5"),
+    (dict(threshold=-0.1), r"threshold=-0.1"),
+    (dict(mask_id=64), r"mask_id=64"),
+    (dict(eos_id=-1), r"eos_id=-1"),
+    (dict(prompts=[[1, 99]]), r"99"),
+    (dict(steps=0), r"steps=0"),
+    (dict(temperature=-1.0), r"temperature=-1.0"),
+    (dict(top_p=0.0, temperature=1.0), r"top_p=0.0"),
+])
+def test_bad_input_raises(kw, match):
+    args = dict(prompts=[PROMPT], gen_length=8, block_size=L, threshold=0.9, mask_id=MASK, eos_id=62)
+    args.update(kw)
+    prompts = args.pop("prompts")
+    with pytest.raises(ValueError, match=match):
+        generate(confident_model(0), prompts, **args)
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy():
+    model = confident_model(0)
+    kw = dict(gen_length=24, block_size=L, threshold=0.9, mask_id=MASK, eos_id=62)
+    greedy = generate(model, [PROMPT], **kw)
+    top1 = generate(model, [PROMPT], temperature=1.0, top_k=1, rng=jax.random.PRNGKey(3), **kw)
+    assert top1.tokens == greedy.tokens
+    a = generate(model, [PROMPT], temperature=1.5, top_p=0.9, rng=jax.random.PRNGKey(5), **kw)
+    b = generate(model, [PROMPT], temperature=1.5, top_p=0.9, rng=jax.random.PRNGKey(5), **kw)
+    assert a.tokens == b.tokens and MASK not in a.tokens[0]
+
+
+_SHARDED = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, json
+    from flax import nnx
+    from llada2_jax.training import mesh as mesh_lib, sharding
+    from llada2_jax.inference import generate
+    from tests.test_inference_decode import confident_model, PROMPT, MASK, L
+    model = confident_model(0)
+    kw = dict(gen_length=24, block_size=L, threshold=0.9, mask_id=MASK, eos_id=62)
+    plain = generate(model, [PROMPT, PROMPT[:5]], **kw).tokens
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    graphdef, state = nnx.split(model)
+    specs = sharding.named(sharding.state_specs(state, dict(mesh.shape)), mesh)
+    model = nnx.merge(graphdef, nnx.State(jax.device_put(nnx.to_pure_dict(state), specs)))
+    assert len(model.dense_layers.wq[...].sharding.device_set) == 8
+    print(json.dumps(generate(model, [PROMPT, PROMPT[:5]], **kw).tokens == plain))
+""")
+
+
+def test_sharded_model_gives_the_same_tokens():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "true"
