@@ -223,3 +223,15 @@ def test_evaluate_humaneval_with_replayed_solutions(problems, tok):
                                    use_chat_template=False)
     assert out["pass_at_1"] == 0.5
     assert [r["passed"] for r in out["records"]] == [True, False]
+
+
+# ---------------------------------------------------------------- model specs
+
+def test_load_model_rejects_bad_specs(tmp_path):
+    from llada2_jax.evaluation.models import load_model
+    with pytest.raises(ValueError, match="'ckpt:/x'"):
+        load_model("ckpt:/x")
+    with pytest.raises(ValueError, match="'hf:'"):
+        load_model("hf:")
+    with pytest.raises(ValueError, match="model_config.json not found"):
+        load_model(f"workdir:{tmp_path}")

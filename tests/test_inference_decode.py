@@ -22,6 +22,7 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidde
 MASK, L = 63, 8
 PROMPT = [5, 9, 2, 7, 1, 3, 3, 8, 4, 11, 12]  # one full block + a 3-token tail in the first decoded block
 _FORWARD = nnx.jit(lambda m, tokens, allow: m(tokens, None, allow))
+_FORWARD_AT = nnx.jit(lambda m, tokens, positions, mask, cache: m.forward(tokens, positions, mask, cache=cache))
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,7 +168,7 @@ def constant_model(probs: dict[int, float]) -> Transformer:
     target = np.full(CFG.vocab_size, np.log(rest))
     for tok, p in probs.items():
         target[tok] = np.log(p)
-    hidden = model.forward(jnp.asarray([[MASK]])).hidden[0, 0, 0]
+    hidden = 1.0 / np.sqrt(1.0 / CFG.hidden_size + CFG.rms_norm_eps)  # RMSNorm of a one-hot embedding
     head = np.zeros((CFG.hidden_size, CFG.vocab_size), np.float32)
     head[0] = target / float(hidden)
     model.lm_head.set_value(jnp.asarray(head))
@@ -176,7 +177,8 @@ def constant_model(probs: dict[int, float]) -> Transformer:
 
 def test_constant_model_logits_are_as_set():
     model = constant_model({7: 0.6, 20: 0.1})
-    probs = jax.nn.softmax(model(jnp.asarray([[1, MASK, 2, MASK]]), mask="bidirectional")[0, 1])
+    allow = jnp.ones((1, 4, 4), bool)
+    probs = jax.nn.softmax(_FORWARD(model, jnp.asarray([[1, MASK, 2, MASK]]), allow)[0, 1])
     np.testing.assert_allclose(probs[jnp.asarray([7, 20])], [0.6, 0.1], rtol=1e-4)
 
 
@@ -219,16 +221,16 @@ def test_training_layout_logits_equal_cached_decode_logits():
     ones = np.ones_like(x0)
     batch = layout.build_diffusion_batch(x0, ones, None, ones.astype(bool), noise, np.ones(1), mask_id=MASK,
                                          block_size=L, vocab_size=CFG.vocab_size)
-    train_logits = model(batch.tokens, batch.positions, batch.mask)[0, k * L:(k + 1) * L]
+    train_logits = _FORWARD_AT(model, batch.tokens, batch.positions, batch.mask, None).logits[0, k * L:(k + 1) * L]
 
     xt = np.where(noise, MASK, x0)
     slots = n_blocks * L
     cache = KVCache.create(CFG, 1, slots)
     prefix = jnp.arange(k * L)[None]
-    cache = model.forward(jnp.asarray(x0[:, :k * L]), prefix, decode.slot_mask(prefix, slots, L), cache=cache).cache
+    cache = _FORWARD_AT(model, jnp.asarray(x0[:, :k * L]), prefix, decode.slot_mask(prefix, slots, L), cache).cache
     block = jnp.arange(k * L, (k + 1) * L)[None]
-    decode_logits = model.forward(jnp.asarray(xt[:, k * L:(k + 1) * L]), block, decode.slot_mask(block, slots, L),
-                                  cache=cache).logits[0]
+    decode_logits = _FORWARD_AT(model, jnp.asarray(xt[:, k * L:(k + 1) * L]), block, decode.slot_mask(block, slots, L),
+                                cache).logits[0]
     np.testing.assert_allclose(decode_logits, train_logits, atol=1e-5, rtol=1e-5)
 
 
@@ -259,9 +261,10 @@ def test_bad_input_raises(kw, match):
 def test_sampling_is_reproducible_and_top_k_one_is_greedy():
     model = confident_model(0)
     kw = dict(gen_length=24, block_size=L, threshold=0.9, mask_id=MASK, eos_id=62)
-    greedy = generate(model, [PROMPT], **kw)
+    # top-k = 1 leaves one token with probability 1: every position passes any threshold < 1, as
+    # in greedy decoding with threshold 0
     top1 = generate(model, [PROMPT], temperature=1.0, top_k=1, rng=jax.random.PRNGKey(3), **kw)
-    assert top1.tokens == greedy.tokens
+    assert top1.tokens == generate(model, [PROMPT], **{**kw, "threshold": 0.0}).tokens
     a = generate(model, [PROMPT], temperature=1.5, top_p=0.9, rng=jax.random.PRNGKey(5), **kw)
     b = generate(model, [PROMPT], temperature=1.5, top_p=0.9, rng=jax.random.PRNGKey(5), **kw)
     assert a.tokens == b.tokens and MASK not in a.tokens[0]
