@@ -73,8 +73,7 @@ def evaluate(args, generate_fn, tokenizer) -> dict:
 
 
 def main(argv=None) -> int:
-    from llada2_jax.inference import generate
-    from llada2_jax.inference.ar import generate_ar
+    from llada2_jax.inference import generate, generate_ar
 
     args = parse_args(argv)
     ar_spec = "smollm2" if args.smollm2 else args.ar
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--dllm {args.dllm}: the model config has no mask_token_id (not a converted model?)")
 
     runs = {
-        f"AR   {ar_spec}": functools.partial(generate_ar, ar_model, gen_length=args.gen_length,
+        f"AR   {ar_spec}": functools.partial(generate_ar, ar_model, max_new_tokens=args.gen_length,
                                           eos_id=tok.eos_id),
         f"dLLM {args.dllm}": functools.partial(generate, dllm_model, gen_length=args.gen_length,
                                               block_size=args.block_size, threshold=args.threshold,

@@ -28,11 +28,11 @@ def get_config():
     c.eval.update(dict(block_size=32, num_samples=3, prompt_length=32, gen_length=64))
     c.smoke_overrides = (
         ("tokenizer.vocab_size", 512), ("tokenizer.train_max_bytes", 300_000), ("data.max_bytes", 400_000),
-        ("data.seq_len", 64), ("data.heldout_fraction", 0.05), ("model.arch.hidden_size", 32),
+        ("data.seq_len", 32), ("data.heldout_fraction", 0.05), ("model.arch.hidden_size", 32),
         ("model.arch.intermediate_size", 64), ("model.arch.num_hidden_layers", 1),
         ("train.batch_size", 4), ("train.eval_batch_size", 4), ("train.eval_batches", 1), ("train.log_every", 2),
         ("train.checkpoint_every", 2), ("train.keep_checkpoints", 2), ("ar_pretrain.steps", 4),
-        ("ar_pretrain.warmup_steps", 1), ("wsd.warmup_sizes", (1, 4, 32)), ("wsd.decay_min", 16),
+        ("ar_pretrain.warmup_steps", 1), ("wsd.warmup_sizes", (1, 4)), ("wsd.decay_min", 16),
         ("wsd.steps_per_warmup", 1), ("wsd.stable_steps", 2), ("wsd.steps_per_decay", 1),
         ("wsd.warmup_steps", 1), ("wsd.noise_steps", 2), ("merge.top_k", 2), ("eval.block_size", 16),
         ("eval.num_samples", 1), ("eval.prompt_length", 8), ("eval.gen_length", 16))

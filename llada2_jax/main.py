@@ -17,10 +17,12 @@ config_flags.DEFINE_config_file("config", "experiments/tiny_wsd.py", "experiment
 flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
 
 
-def apply_smoke(config) -> None:
-    """Apply `config.smoke_overrides` ((dotted field, value) pairs) in place."""
+def apply_smoke(config, keep=()) -> None:
+    """Apply `config.smoke_overrides` ((dotted field, value) pairs) in place, except fields in `keep`."""
     with config.unlocked():
         for path, value in config.smoke_overrides:
+            if path in keep:
+                continue
             *parents, leaf = path.split(".")
             node = config
             for name in parents:
@@ -37,8 +39,8 @@ def main(argv) -> int:
     import jax
     if config.distributed:
         jax.distributed.initialize()
-    if config.smoke:
-        apply_smoke(config)
+    if config.smoke:  # command-line overrides win over the experiment's smoke sizes
+        apply_smoke(config, keep=set(config_flags.get_override_values(flags.FLAGS["config"])))
     from llada2_jax.training.validate import validate_config
     devices = (config.dry_run_devices or jax.device_count()) if config.dry_run else jax.device_count()
     try:

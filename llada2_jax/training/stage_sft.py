@@ -132,6 +132,12 @@ class PostTrainStage(TrainStage):
             batches.append(batch)
         return batches
 
+    def save_tokenizer(self) -> None:
+        """Keep the tokenizer in this run's workdir too, so the next stage can `init_from` it."""
+        directory = os.path.join(self.ctx.workdir, "tokenizer")
+        if jax.process_index() == 0 and not os.path.isdir(directory):
+            self.ctx.tokenizer.save(directory)
+
     def record_counts(self, data) -> None:
         counts = {k: v for k, v in vars(data).items() if k.startswith("num_")}
         self.ctx.logger.write({"step": 0, "stage": self.name, **counts})
@@ -140,6 +146,7 @@ class PostTrainStage(TrainStage):
     def run(self) -> None:
         ctx = self.ctx
         seed = ctx.config.seed * 1000 + stage_names(ctx.config).index(self.name)
+        self.save_tokenizer()
         data = self.train_data(seed)
         self.record_counts(data)
         trainer = self.make_trainer()

@@ -150,7 +150,7 @@ class Trainer:
             grads = jax.tree.map(lambda g: g / accum, grad_sum)
             loss = jnp.mean(losses)
             metrics = _mean_over_micro(metrics)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -189,9 +189,10 @@ class Trainer:
                        out_shardings=self._replicated)
 
     def _compiled(self, cache, make, segment):
-        if segment.name not in cache:
-            cache[segment.name] = make(segment)
-        return cache[segment.name]
+        """One compiled function per block size (e.g. warm-up and stable at L share it)."""
+        if segment.block_size not in cache:
+            cache[segment.block_size] = make(segment)
+        return cache[segment.block_size]
 
     # ---------------- helpers ----------------
     def _device_batch(self, host_batch: dict):
