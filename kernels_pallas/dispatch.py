@@ -1,12 +1,14 @@
 """Backend choice for the kernels reached from `llada2_jax.ops`.
 
 attention impl "xla_sparse" -> tile-skipping XLA path (any backend);
-              "pallas"     -> TPU kernel on TPU, the Pallas/Triton kernel elsewhere
-                              (interpret mode on CPU unless told otherwise).
+              "pallas"     -> the Pallas/Triton kernel (interpret mode on CPU unless told
+                              otherwise); on TPU, until a Mosaic kernel exists, "xla_sparse".
 grouped_matmul -> megablox gmm on TPU, the Pallas/Triton kernel elsewhere (interpret on CPU).
 Imports only jax/numpy and this repo, so the GPU check runs with a bare jax install.
 """
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +34,11 @@ def attention(q, k, v, spec: MaskSpec, impl: str = "xla_sparse", scale: float | 
         raise ValueError(f"unknown kernel attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     interpret = _interpret(interpret)
     if jax.default_backend() == "tpu" and not interpret:
-        from kernels_pallas.block_sparse_attention import tpu
-        return tpu.attention(q, k, v, spec, scale=scale)
+        # No Mosaic kernel yet (see notes/kernels.md): the tile-skipping XLA path is exact and
+        # skips the same tiles, so TPU callers get correct results at XLA speed.
+        warnings.warn("attention impl='pallas' has no TPU kernel yet; using impl='xla_sparse'", stacklevel=2)
+        from kernels_pallas import xla_sparse
+        return xla_sparse.attention(q, k, v, spec, scale=scale)
     from kernels_pallas.block_sparse_attention import gpu
     return gpu.attention(q, k, v, spec, scale=scale, interpret=interpret)
 

@@ -2,7 +2,7 @@
 converted dLLM on the same prompts.
 
 Prompts are left-aligned at position 0 of their row (as in the block decoder); the prompt is
-prefilled once (length bucketed to a power of two), then each forward feeds one token per row at
+prefilled once (length bucketed, see `result.bucket`), then each forward feeds one token per row at
 that row's own next position. Slots past a row's prompt that the prefill filled with padding are
 overwritten by the row's own tokens before any query can see them (a query at position p sees
 slots <= p, and slot p is written by the same forward). The whole loop is one jitted call.
@@ -112,8 +112,8 @@ def generate_ar(model, prompts, *, max_new_tokens: int, temperature: float = 0.0
     x = np.zeros((len(arrays), bucket(longest)), np.int32)
     for i, a in enumerate(arrays):
         x[i, :a.size] = a
-    plan = _Plan(prefill_len=bucket(int(prompt_len.max())), max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=top_k,
-                 use_top_p=top_p is not None)
+    plan = _Plan(prefill_len=bucket(int(prompt_len.max())), max_new_tokens=max_new_tokens,
+                 greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None)
     knobs = _Knobs(jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p or 1.0),
                    jnp.int32(-1 if eos_id is None else eos_id), jax.random.PRNGKey(0) if rng is None else rng)
     graphdef, state = nnx.split(model)

@@ -6,8 +6,8 @@ exactly what it would compute alone. One loop iteration = one model forward for 
 per row it is either a denoising step on the row's current block, a cache refresh of the block
 just completed (cached path only), or nothing (the row is done).
 
-Cached path: one jitted call. The prompt's full blocks are prefilled once (bucketed to a power of
-two of blocks); each step feeds only the L_B tokens of each row's current block at their absolute
+Cached path: one jitted call. The prompt's full blocks are prefilled once (length bucketed, see
+`result.bucket`); each step feeds only the L_B tokens of each row's current block at their absolute
 positions, writes their K/V into the cache slots of that block and attends to slots < block end.
 A completed block is refreshed by one extra forward on its final tokens (not folded into the next
 block's first step, so every forward feeds exactly L_B tokens per row and has one static shape).

@@ -75,5 +75,9 @@ def check_sampling(temperature, top_k, top_p) -> None:
 
 
 def bucket(n: int) -> int:
-    """The next power of two >= n (n >= 1): few distinct shapes, so few compilations."""
-    return 1 << max(n - 1, 0).bit_length()
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 1.5 * 2^k) that is >= n.
+
+    Few distinct shapes (few compilations) while wasting at most a third of the length.
+    """
+    power = 1 << max(n - 1, 0).bit_length()
+    return power * 3 // 4 if power >= 4 and power * 3 // 4 >= n else power

@@ -10,7 +10,6 @@ API
   sft_loss(model, arrays, rng, cfg)                         -> (loss, metrics)   SFT, + λ·CAP when cfg.cap_weight
   preference_elbo_batch(arrays, rng, cfg)                   -> DiffusionBatch   chosen rows then rejected rows
   dpo_loss(policy, reference, arrays, rng, cfg)             -> (loss, metrics)
-  response_nelbo(model, batches, rng, *, block_size, mask_id, n_samples) -> NELBO per response token
   final_lr(workdir)                                         -> last logged `lr` of a stage's workdir
 
 Batch-size bookkeeping for complementary masking [I]: `batch_size` counts the packed data rows
@@ -30,7 +29,6 @@ import jax
 import jax.numpy as jnp
 
 from llada2_jax.diffusion import layout, losses, noising
-from llada2_jax.evaluation import likelihood
 
 SIDES = ("chosen", "rejected")
 
@@ -146,25 +144,6 @@ def dpo_loss(policy, reference, arrays: dict, rng, cfg: NoiseConfig):
     loss, metrics = losses.dpo_loss(pi[:n], pi[n:], ref[:n], ref[n:], cfg.beta)
     metrics["elbo_margin"] = jnp.mean(pi[:n] - pi[n:])
     return loss, metrics
-
-
-def response_nelbo(model, batches, rng, *, block_size: int, mask_id: int, n_samples: int = 4) -> float:
-    """Held-out negative ELBO per response token (nats), t ~ U[1e-3, 1] (a proper bound).
-
-    `batches`: iterable of SFT batch dicts; prompt and padding are context only.
-    """
-    total, count = 0.0, 0
-    for i, arrays in enumerate(batches):
-        eligible = response_positions(arrays)
-        mean, _ = likelihood.mc_elbo_loglik(
-            model, arrays["tokens"], arrays["segment_ids"], eligible, block_size=block_size,
-            n_samples=n_samples, rng=jax.random.fold_in(rng, i), mask_id=mask_id,
-            positions=arrays["positions"])
-        total -= float(jnp.sum(mean))
-        count += int(jnp.sum(eligible))
-    if count == 0:
-        raise ValueError("response_nelbo: the batches hold no response tokens")
-    return total / count
 
 
 def final_lr(workdir: str) -> float | None:

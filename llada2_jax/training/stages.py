@@ -51,8 +51,18 @@ class TrainStage:
         cfg = config[cls.name]
         if cfg.lr <= 0:
             raise ValueError(f"{cls.name}.lr={cfg.lr} must be > 0")
-        if cfg.warmup_steps < 0:
-            raise ValueError(f"{cls.name}.warmup_steps={cfg.warmup_steps} must be >= 0")
+        if cfg.lr_schedule not in schedules.LR_KINDS:
+            raise ValueError(f"{cls.name}.lr_schedule={cfg.lr_schedule!r}; expected one of {schedules.LR_KINDS}")
+        total = cls.total_steps(config)
+        if total < 1:
+            raise ValueError(f"{cls.name}: the stage has {total} steps; give it at least one")
+        if not 0 <= cfg.warmup_steps <= total or (cfg.lr_schedule == "cosine" and cfg.warmup_steps == total):
+            raise ValueError(f"{cls.name}.warmup_steps={cfg.warmup_steps} must be in [0, {total}] (the stage's "
+                             f"steps; < {total} for a cosine schedule)")
+
+    @classmethod
+    def total_steps(cls, config) -> int:
+        raise NotImplementedError
 
     def segments(self) -> list[Segment]:
         raise NotImplementedError
@@ -78,6 +88,10 @@ class TrainStage:
 @register("ar_pretrain")
 class ARPretrain(TrainStage):
     """Plain next-token prediction with a causal document mask (how the tiny base is made)."""
+
+    @classmethod
+    def total_steps(cls, config):
+        return config.ar_pretrain.steps
 
     def segments(self):
         return [Segment("ar", self.cfg.steps, 0)]
@@ -107,18 +121,22 @@ class WSD(TrainStage):
 
     @classmethod
     def validate(cls, config):
-        super().validate(config)
         cfg = config.wsd
-        noising.check_t_range(cfg.t_min, cfg.t_max)
+        try:
+            noising.check_t_range(cfg.t_min, cfg.t_max)
+        except ValueError as e:
+            raise ValueError(f"wsd.t_min / wsd.t_max: {e}") from None
         if cfg.weighting not in losses.WEIGHTINGS:
             raise ValueError(f"wsd.weighting={cfg.weighting!r}; expected one of {losses.WEIGHTINGS}")
         try:
-            phases = cls.ladder(config)
+            cls.ladder(config)
         except ValueError as e:
             raise ValueError(f"wsd ladder (wsd.warmup_sizes / wsd.decay_min vs data.seq_len): {e}") from None
-        if not phases:
-            raise ValueError("wsd: every phase has 0 steps (wsd.steps_per_warmup, wsd.stable_steps, "
-                             "wsd.steps_per_decay)")
+        super().validate(config)
+
+    @classmethod
+    def total_steps(cls, config):
+        return sum(p.steps for p in cls.ladder(config))
 
     @staticmethod
     def ladder(config) -> list[schedules.Phase]:

@@ -1,0 +1,43 @@
+"""`python -m llada2_jax.generate`: loads a run's final weights and tokenizer and prints the completion."""
+import json
+
+from test_inference_decode import CFG, MASK, constant_model
+from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
+
+from llada2_jax import generate as cli
+from llada2_jax.data.tokenizers import HFTokenizer, load_tokenizer
+from llada2_jax.training import model_source
+from llada2_jax.training.checkpoint import Checkpointer
+from llada2_jax.training.state import split_model
+
+WORDS = ["<pad>", "<eos>", "[UNK]"] + [f"w{i}" for i in range(3, MASK)] + ["[MASK]"]
+
+
+def write_run(workdir, model):
+    """A finished run as the trainer leaves it: model config, final.json, checkpoint, tokenizer."""
+    raw = RawTokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    HFTokenizer(raw, eos_token="<eos>", pad_token="<pad>", mask_token="[MASK]").save(str(workdir / "tokenizer"))
+    model_source.save_model_config(str(workdir), model.config)
+    ckpt = Checkpointer(str(workdir / "final_ckpt"), keep=1, async_save=False)
+    _, params, buffers = split_model(model)
+    ckpt.save_model(3, params, buffers, {"stage": "merge"})
+    ckpt.wait()
+    ckpt.close()
+    model_source.write_final(str(workdir), ["merge"], str(workdir / "final_ckpt"), 3)
+
+
+def test_cli_prints_completion_and_stats(tmp_path, capsys):
+    write_run(tmp_path, constant_model({7: 0.99}))
+    assert cli.main(["--workdir", str(tmp_path), "--prompt", "w5 w9 w11", "--gen_length", "12",
+                     "--block_size", "8"]) == 0
+    out, err = capsys.readouterr()
+    tok = load_tokenizer(str(tmp_path / "tokenizer"))
+    prompt = len(cli.prompt_ids(tok, "w5 w9 w11", raw=False))
+    assert tok.has_chat_template and prompt > 3
+    assert out.strip() == tok.decode([7] * 12)
+    # one step per block (0.99 > 0.95), a prefill when the prompt has a full block, a refresh between blocks
+    blocks = -(-(prompt + 12) // 8) - prompt // 8
+    forwards = (prompt >= 8) + blocks + blocks - 1
+    assert f"forwards={forwards}," in err and f"TPF={12 / forwards:.2f}" in err
+    assert json.loads((tmp_path / "model_config.json").read_text())["vocab_size"] == CFG.vocab_size
