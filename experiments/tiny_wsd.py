@@ -19,10 +19,10 @@ def get_config():
                              num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512))
     c.tokenizer.vocab_size = 4096
     c.data.seq_len = 256
-    c.train.update(dict(batch_size=8, log_every=10, eval_batches=2, eval_batch_size=8, checkpoint_every=20,
+    c.train.update(dict(batch_size=4, log_every=5, eval_batches=2, eval_batch_size=8, checkpoint_every=20,
                         keep_checkpoints=4))
-    c.ar_pretrain.update(dict(steps=200, lr=3e-3, warmup_steps=20, lr_schedule="cosine"))
-    c.wsd.update(dict(steps_per_warmup=20, stable_steps=60, steps_per_decay=20, lr=1e-3, warmup_steps=10,
+    c.ar_pretrain.update(dict(steps=150, lr=3e-3, warmup_steps=15, lr_schedule="cosine"))
+    c.wsd.update(dict(steps_per_warmup=15, stable_steps=40, steps_per_decay=15, lr=1e-3, warmup_steps=5,
                       noise_steps=40))
     c.merge.top_k = 3
     c.eval.update(dict(block_size=32, num_samples=3, prompt_length=32, gen_length=64))

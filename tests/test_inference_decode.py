@@ -199,6 +199,13 @@ def test_threshold_fallback_and_quota(probs, threshold, steps, want_token, want_
     assert res.tpf == pytest.approx(24 / want_forwards)
 
 
+def test_steps_clamped_to_gen_length_as_in_hf():
+    # gen_length 4 < block 8: steps = 4, quota 2 per step; block 1 holds 5 masks -> 3 steps
+    res = generate(constant_model({7: 0.5}), [PROMPT], gen_length=4, block_size=L, threshold=0.95,
+                   mask_id=MASK, eos_id=62)
+    assert res.tokens == [[7] * 4] and res.forwards == 1 + 3
+
+
 def test_eos_stops_after_its_block():
     model = constant_model({62: 0.99})
     res = generate(model, [PROMPT, PROMPT[:2]], gen_length=24, block_size=L, threshold=0.95,

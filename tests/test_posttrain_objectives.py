@@ -239,3 +239,34 @@ def test_final_lr_reads_last_logged_rate(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lr": 0.5}\n{"step": 2, "eval_nelbo": 3.0}\n'
                                             '{"step": 3, "lr": 0.25}\n')
     assert posttrain.final_lr(str(tmp_path)) == 0.25
+
+
+def _experiment(name):
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("name,field,value,message", [
+    ("tiny_sft", "init_from", "EMPTY", "init_from="),
+    ("tiny_sft", "sft.block_size", 48, "sft.block_size=48"),
+    ("tiny_cap", "cap.cap_weight", 0.0, "cap.cap_weight"),
+    ("tiny_cap", "cap.t_max", 1.0, "t_max=1.0"),
+    ("tiny_dpo", "dpo.beta", -0.1, "beta"),
+    ("tiny_dpo", "dpo.data", "/no/such/pairs.jsonl", "dpo.data="),
+])
+def test_stage_configs_reject_bad_fields(tmp_path, name, field, value, message):
+    from llada2_jax.training.stages import get_stage
+    config = _experiment(name)
+    config.init_from = ""
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = str(tmp_path) if value == "EMPTY" else value
+    with pytest.raises(ValueError, match=message):
+        get_stage(name.split("_")[1]).validate(config)

@@ -203,7 +203,7 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
 
     Per block and step: commit every masked position whose confidence exceeds `threshold`, else
     the quota[step] most confident ones (quota: block_size split over `steps`, default one per
-    step; steps above block_size are clamped). `[MASK]` is never proposed. A row stops after the
+    step; steps is clamped to min(steps, gen_length, block_size) as in HF). `[MASK]` is never proposed. A row stops after the
     block in which it produced EOS, or after gen_length tokens. With temperature > 0 a row's
     random stream depends on its index in the batch; greedy rows equal single-prompt runs.
     """
@@ -219,7 +219,8 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     for i, a in enumerate(arrays):
         x[i, :a.size] = a
     quota = np.ones((block_size,), np.int32)
-    schedule = sampling.quota_schedule(block_size, min(steps or block_size, block_size))
+    # HF: steps = min(steps, gen_length); more steps than block_size would only add empty steps
+    schedule = sampling.quota_schedule(block_size, min(steps or block_size, gen_length, block_size))
     quota[:schedule.size] = schedule
     plan = _Plan(block_size=block_size,
                  prefill_len=block_size * bucket(full_blocks) if use_cache and full_blocks else 0,

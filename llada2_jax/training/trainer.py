@@ -105,8 +105,8 @@ class Trainer:
         self.init_weights, self.abstract_weights = init_weights, abstract_weights
         self.segments = stage.segments()
         self.total_steps = sum(s.steps for s in self.segments)
-        self._steps: dict[str, Any] = {}
-        self._evals: dict[str, Any] = {}
+        self._steps: dict[int, Any] = {}  # compiled per block size
+        self._evals: dict[int, Any] = {}
         divisor = shd.batch_divisor(dict(mesh.shape))
         if settings.batch_size % (divisor * settings.grad_accum):
             raise ValueError(f"train.batch_size={settings.batch_size} must be a multiple of "
