@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from kernels_pallas import dispatch
 from kernels_pallas.grouped_matmul import gpu as gmm_gpu
 from kernels_pallas.grouped_matmul import tpu as gmm_tpu
+from kernels_pallas.grouped_matmul import xla_tiled
 
 GROUPS = np.array([10, 0, 37, 5, 0, 20], np.int32)  # empty groups; 72 of 80 rows grouped
 
@@ -37,6 +38,7 @@ def _reference(x, w, gs):
 KERNELS = {
     "pallas_gpu": functools.partial(gmm_gpu.grouped_matmul, interpret=True, block_m=16, block_n=16, block_k=16),
     "megablox_tpu": functools.partial(gmm_tpu.grouped_matmul, interpret=True),
+    "xla_tiled": functools.partial(xla_tiled.grouped_matmul, block_m=8),
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def grouped_matmul(x, w, group_sizes, *, block_m: int = 64, preferred_element_type=jnp.float32):
+def grouped_matmul(x, w, group_sizes, *, block_m: int = 128, preferred_element_type=jnp.float32):
     """(M, K) rows sorted by group x (E, K, N) -> (M, N) in preferred_element_type."""
     m, kdim = x.shape
     e, kw, n = w.shape

@@ -98,8 +98,12 @@ class Run:
             else:
                 self._model_config = self.source.config
                 ms.save_model_config(self.workdir, self._model_config)
-            if self._model_config.mask_token_id is None:
+            mask = self._model_config.mask_token_id
+            if mask is None:
                 raise ValueError("the model has no mask_token_id (model.arch.mask_token_id / the tokenizer)")
+            if self.tokenizer.mask_id is not None and self.tokenizer.mask_id != mask:
+                raise ValueError(f"model mask_token_id={mask} differs from the tokenizer's [MASK] id "
+                                 f"{self.tokenizer.mask_id} (tokenizer.kind={self.config.tokenizer.kind!r})")
         return self._model_config
 
     @property
