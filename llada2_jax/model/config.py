@@ -52,9 +52,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; softmax, router and logits stay fp32
     remat_policy: str = "none"
-    attention_impl: str = "xla"  # "xla" | "xla_sparse" | "pallas" | "auto"
+    attention_impl: str = "auto"  # "xla" (dense reference) | "xla_sparse" | "pallas" | "auto"
     moe_impl: str = "ragged"  # "ragged" (dropless sorted ragged_dot) | "dense" (test oracle)
-    gmm_impl: str = "xla"  # backend of ops.grouped_matmul
+    gmm_impl: str = "auto"  # backend of ops.grouped_matmul: "xla" | "xla_tiled" | "pallas" | "auto"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:

@@ -83,9 +83,6 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
         return out["model"]["params"], out["model"]["buffers"]
 
-    def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

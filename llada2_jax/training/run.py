@@ -31,9 +31,6 @@ from llada2_jax.training.state import TrainState, decay_mask, init_state, make_o
 from llada2_jax.training.trainer import Trainer, TrainSettings
 from jax.sharding import PartitionSpec as P
 
-TOKENIZER_KINDS = ("sentencepiece", "smollm2", "dir")
-
-
 def stage_names(config) -> list[str]:
     return [s.strip() for s in str(config.stages).split(",") if s.strip()]
 
