@@ -20,13 +20,13 @@ def get_config():
                              num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512))
     c.tokenizer.vocab_size = 2048
     c.data.seq_len = 256
-    c.train.update(dict(batch_size=8, log_every=3, eval_batches=2, eval_batch_size=8, checkpoint_every=8,
+    c.train.update(dict(batch_size=8, log_every=5, eval_batches=2, eval_batch_size=8, checkpoint_every=10,
                         keep_checkpoints=4))
-    c.ar_pretrain.update(dict(steps=300, lr=1e-3, warmup_steps=20, lr_schedule="cosine"))
+    c.ar_pretrain.update(dict(steps=400, lr=1e-3, warmup_steps=20, lr_schedule="cosine"))
     # masked_mean (dFactory) instead of the 1/t-weighted ELBO: with 8 sequences per step the 1/t
     # weights (up to 1000) make the training loss too noisy to read; held-out evaluation stays the ELBO.
-    c.wsd.update(dict(steps_per_warmup=6, stable_steps=24, steps_per_decay=8, lr=5e-4, warmup_steps=4,
-                      noise_steps=20, weighting="masked_mean"))
+    c.wsd.update(dict(steps_per_warmup=10, stable_steps=40, steps_per_decay=12, lr=5e-4, warmup_steps=5,
+                      noise_steps=30, weighting="masked_mean"))
     c.merge.top_k = 3
     c.eval.update(dict(block_size=32, num_samples=3, prompt_length=32, gen_length=64))
     c.smoke_overrides = (
