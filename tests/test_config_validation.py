@@ -26,7 +26,7 @@ BAD = [
     ("seq len beyond positions", {"data.seq_len": 1024}, 1, "max_position_embeddings"),
     ("merge more than kept", {"merge.top_k": 9}, 1, "merge.top_k"),
     ("grad accumulation", {"train.grad_accum": 3}, 1, "train.batch_size"),
-    ("cosine warm-up as long as the stage", {"ar_pretrain.warmup_steps": 200}, 1, "ar_pretrain.warmup_steps"),
+    ("cosine warm-up as long as the stage", {"ar_pretrain.steps": 50, "ar_pretrain.warmup_steps": 50}, 1, "ar_pretrain.warmup_steps"),
     ("empty wsd stage", {"wsd.steps_per_warmup": 0, "wsd.stable_steps": 0, "wsd.steps_per_decay": 0}, 1,
      "wsd: the stage has 0 steps"),
     ("tokenizer kind", {"tokenizer.kind": "bpe"}, 1, "tokenizer.kind"),

@@ -116,7 +116,7 @@ def _with_mask_token(model: Transformer) -> Transformer:
     if model.config.mask_token_id is not None:
         return model
     from llada2_jax.interop import convert
-    return convert.add_mask_token(model)
+    return convert.add_mask_token(model)[0]
 
 
 def open_source(source: str, arch: dict, runtime: dict, tokenizer=None) -> Source:
