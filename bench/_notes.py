@@ -1,9 +1,9 @@
-"""Write a benchmark table into notes/kernels.md between <!-- NAME:begin/end --> markers."""
+"""Write a benchmark table into BUILD_NOTES.md between <!-- NAME:begin/end --> markers."""
 from __future__ import annotations
 
 import pathlib
 
-NOTES = pathlib.Path(__file__).resolve().parent.parent / "notes" / "kernels.md"
+NOTES = pathlib.Path(__file__).resolve().parent.parent / "BUILD_NOTES.md"
 
 
 def replace_section(name: str, text: str, path: pathlib.Path = NOTES) -> None:

@@ -1,6 +1,6 @@
 """CPU benchmark: BDLM attention, dense-mask XLA vs the tile-skipping XLA path (forward+backward).
 
-Prints a markdown table and writes it into notes/kernels.md (between bench markers). The spec is
+Prints a markdown table and writes it into BUILD_NOTES.md (between bench markers). The spec is
 passed through jit as an argument (traced features, as in training), so the sparse path runs
 with its static budget and the run-time fallback check.
 Run: PYTHONPATH=. python3 bench/attention.py [--lengths 1024 2048 4096] [--tile 128]

@@ -3,7 +3,7 @@
     python bench/decode.py                         # random model of the tiny_wsd size
     python bench/decode.py --workdir /tmp/tiny_wsd # the trained tiny_wsd model and its tokenizer
     python bench/decode.py --smollm2               # SmolLM2-135M size (slow)
-    python bench/decode.py --write-notes notes/inference.md   # also write the table into the notes
+    python bench/decode.py --write-notes BUILD_NOTES.md   # also write the table into the notes
 
 One prompt per call (batch 1), greedy. Each configuration is run once to compile, then timed
 --repeats times and the fastest run is reported (the CI box is shared), so compilation is
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import pathlib
 import platform
 import sys
 
@@ -23,6 +25,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench._notes import replace_section  # noqa: E402
 from llada2_jax.inference import generate, generate_ar
 from llada2_jax.model import ModelConfig, Transformer
 
@@ -30,7 +34,6 @@ from llada2_jax.model import ModelConfig, Transformer
 TINY_WSD = ModelConfig(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                        max_position_embeddings=1024, mask_token_id=4095, eos_token_id=2)
-MARKER = "<!-- bench/decode.py table -->"
 
 
 def parse_args(argv=None):
@@ -44,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-lengths", default="32,128")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--stop-at-eos", action="store_true")
-    p.add_argument("--write-notes", help="replace the table after the marker line in this markdown file")
+    p.add_argument("--write-notes", help="write the table into this markdown file (between bench-decode markers)")
     return p.parse_args(argv)
 
 
@@ -104,11 +107,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.write_notes:
-        with open(args.write_notes) as f:
-            text = f.read()
-        head = text.split(MARKER)[0]
-        with open(args.write_notes, "w") as f:
-            f.write(f"{head}{MARKER}\n{table}\n")
+        replace_section("bench-decode", table, pathlib.Path(args.write_notes))
     return 0
 
 

@@ -5,7 +5,7 @@ backward (grads w.r.t. x and the three expert weights). The ragged dispatch is t
 the model's grouped matmul as configured (`ops.grouped_matmul` impl "xla" = ragged_dot) and with
 `kernels_pallas.grouped_matmul.xla_tiled` swapped in for `ops.grouped_matmul` inside this process
 only (what a proposed CPU impl would give). Prints a markdown table and writes it into
-notes/kernels.md. Run: PYTHONPATH=. python3 bench/moe.py
+BUILD_NOTES.md. Run: PYTHONPATH=. python3 bench/moe.py
 """
 from __future__ import annotations
 

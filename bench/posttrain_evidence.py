@@ -1,4 +1,4 @@
-"""Does post-training do what the spec says, on the tiny model? (numbers for notes/posttrain.md)
+"""Does post-training do what the spec says, on the tiny model? (numbers for BUILD_NOTES.md)
 
     python bench/posttrain_evidence.py --base /tmp/tiny_wsd --out /tmp/posttrain_evidence
 

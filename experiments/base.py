@@ -50,7 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.wsd = ml_collections.ConfigDict(dict(
         warmup_sizes=(1, 4, 32, 64), decay_min=32, steps_per_warmup=10, stable_steps=50, steps_per_decay=10,
         lr=3e-4, warmup_steps=10, lr_schedule="constant", t_min=1e-3, t_max=1.0, weighting="elbo",
-        noise_scale=1.0, noise_steps=20, expert_bias_rate=1e-3, eval_samples=1))
+        noise_scale=1.0, noise_steps=20, expert_bias_rate=1e-3, eval_samples=1,
+        stratified_t=True))  # one shared uniform spread over the batch (BD3-LM): lower-variance loss
 
     c.merge = ml_collections.ConfigDict(dict(top_k=3, source_stage="wsd"))
 

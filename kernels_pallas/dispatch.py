@@ -34,7 +34,7 @@ def attention(q, k, v, spec: MaskSpec, impl: str = "xla_sparse", scale: float | 
         raise ValueError(f"unknown kernel attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     interpret = _interpret(interpret)
     if jax.default_backend() == "tpu" and not interpret:
-        # No Mosaic kernel yet (see notes/kernels.md): the tile-skipping XLA path is exact and
+        # No Mosaic kernel yet (see BUILD_NOTES.md, Kernels): the tile-skipping XLA path is exact and
         # skips the same tiles, so TPU callers get correct results at XLA speed.
         warnings.warn("attention impl='pallas' has no TPU kernel yet; using impl='xla_sparse'", stacklevel=2)
         from kernels_pallas import xla_sparse

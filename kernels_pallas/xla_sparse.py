@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from kernels_pallas import tilemap
 from llada2_jax.diffusion.masks import MaskSpec, allowed
 
-DEFAULT_BLOCK = 128  # best of 64/128 on the 2-core CPU bench (see notes/kernels.md)
+DEFAULT_BLOCK = 128  # best of 64/128 on the 2-core CPU bench (see BUILD_NOTES.md, Kernels)
 
 
 def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None,

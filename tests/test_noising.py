@@ -88,3 +88,14 @@ def test_mask_embedding_noise_traced_step():
     pos = jnp.ones((1, 3), bool)
     f = jax.jit(lambda step: noising.mask_embedding_noise(jax.random.key(0), pos, table, 1.0, step, 10))
     np.testing.assert_allclose(np.asarray(f(jnp.int32(5))), np.asarray(f(jnp.int32(0))) * 0.5, rtol=1e-6)
+
+
+def test_stratified_t_covers_every_stratum_and_stays_in_range():
+    b, lo, hi = 16, 0.2, 0.9
+    for seed in range(5):
+        t = np.asarray(noising.sample_t(jax.random.key(seed), b, lo, hi, stratified=True))
+        assert t.shape == (b,) and (t >= lo).all() and (t <= hi).all()
+        strata = np.floor((t - lo) / (hi - lo) * b).astype(int)
+        assert sorted(strata.clip(0, b - 1)) == list(range(b))  # one row per stratum
+    with pytest.raises(ValueError, match="1.5"):
+        noising.sample_t(jax.random.key(0), 4, 0.1, 1.5, stratified=True)

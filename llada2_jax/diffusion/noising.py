@@ -1,7 +1,7 @@
 """The forward (absorbing-state) noising process: times, masks, complementary views, [MASK] noise.
 
 API
-  sample_t(rng, batch, t_min=1e-3, t_max=1.0)                -> float32 (B,)   one t per sequence
+  sample_t(rng, batch, t_min=1e-3, t_max=1.0, stratified=False) -> float32 (B,) one t per sequence
   sample_mask(rng, t, eligible, *, at_least_one=True)        -> bool (B, L)    Bernoulli(t) on eligible
   complementary_masks(mask, eligible)                        -> bool (B, L)    eligible & ~mask
   complementary_pair(mask, t, eligible)                      -> (mask (2B, L), t (2B,))  both views stacked
@@ -27,10 +27,18 @@ def check_t_range(t_min: float, t_max: float) -> None:
         raise ValueError(f"t_min={t_min} must not exceed t_max={t_max}")
 
 
-def sample_t(rng, batch: int, t_min: float = 1e-3, t_max: float = 1.0) -> jax.Array:
-    """One masking rate per sequence, t ~ U[t_min, t_max] (float32 (B,))."""
+def sample_t(rng, batch: int, t_min: float = 1e-3, t_max: float = 1.0, *, stratified: bool = False) -> jax.Array:
+    """One masking rate per sequence, t ~ U[t_min, t_max] (float32 (B,)).
+
+    `stratified` (BD3-LM's low-discrepancy sampler): row b gets u_b = (u + b / B) mod 1 from one
+    shared uniform u, so every row is still U[t_min, t_max] but the batch covers the range evenly,
+    which cuts the step-to-step variance of the loss.
+    """
     check_t_range(t_min, t_max)
-    return jax.random.uniform(rng, (batch,), jnp.float32, t_min, t_max)
+    if not stratified:
+        return jax.random.uniform(rng, (batch,), jnp.float32, t_min, t_max)
+    u = (jax.random.uniform(rng, (), jnp.float32) + jnp.arange(batch, dtype=jnp.float32) / batch) % 1.0
+    return t_min + (t_max - t_min) * u
 
 
 def sample_mask(rng, t, eligible, *, at_least_one: bool = True) -> jax.Array:

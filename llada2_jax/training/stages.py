@@ -155,7 +155,8 @@ class WSD(TrainStage):
     def _batch(self, segment, batch, rng, *, at_least_one=True, t_min=None):
         k_t, k_mask = jax.random.split(rng)
         eligible = batch["loss_mask"]
-        t = noising.sample_t(k_t, eligible.shape[0], self.cfg.t_min if t_min is None else t_min, self.cfg.t_max)
+        t = noising.sample_t(k_t, eligible.shape[0], self.cfg.t_min if t_min is None else t_min, self.cfg.t_max,
+                             stratified=self.cfg.get("stratified_t", False))
         noise_mask = noising.sample_mask(k_mask, t, eligible, at_least_one=at_least_one)
         return layout.build_diffusion_batch(batch["tokens"], batch["segment_ids"], batch["positions"], eligible,
                                             noise_mask, t, mask_id=self.ctx.model_config.mask_token_id,
