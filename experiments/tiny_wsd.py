@@ -25,7 +25,7 @@ def get_config():
     c.ar_pretrain.update(dict(steps=800, lr=1e-3, warmup_steps=20, lr_schedule="cosine"))
     # masked_mean (dFactory) instead of the 1/t-weighted ELBO: with 8 sequences per step the 1/t
     # weights (up to 1000) make the training loss too noisy to read; held-out evaluation stays the ELBO.
-    c.wsd.update(dict(steps_per_warmup=20, stable_steps=60, steps_per_decay=20, lr=5e-4, warmup_steps=5,
+    c.wsd.update(dict(steps_per_warmup=20, stable_steps=60, steps_per_decay=20, lr=3e-4, warmup_steps=10,
                       noise_steps=30, weighting="masked_mean"))
     c.merge.top_k = 3
     c.eval.update(dict(block_size=32, num_samples=3, prompt_length=32, gen_length=64))

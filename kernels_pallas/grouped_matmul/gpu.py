@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from kernels_pallas.grouped_matmul.shapes import check_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +31,7 @@ class _Config:
 def grouped_matmul(x, w, group_sizes, *, interpret: bool = False, preferred_element_type=jnp.float32,
                    block_m: int = 64, block_n: int = 64, block_k: int = 32):
     """(M, K) x (E, K, N) with group_sizes (E,) -> (M, N) in preferred_element_type."""
-    m, kdim = x.shape
-    e, kw, n = w.shape
-    if kw != kdim:
-        raise ValueError(f"x has K={kdim} but w has K={kw}")
-    if group_sizes.shape != (e,):
-        raise ValueError(f"group_sizes shape {group_sizes.shape} != (num_groups,) = {(e,)}")
+    m, kdim, e, n = check_shapes(x, w, group_sizes)
     cfg = _Config(block_m, block_n, block_k, bool(interpret), jnp.dtype(preferred_element_type))
     return _gmm(cfg, x, w, group_sizes.astype(jnp.int32))
 

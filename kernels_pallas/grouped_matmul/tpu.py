@@ -4,6 +4,7 @@ zeroed explicitly in value and gradient (megablox leaves them unspecified)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
+from kernels_pallas.grouped_matmul.shapes import check_shapes
 
 TILE = 128
 
@@ -11,12 +12,7 @@ TILE = 128
 def grouped_matmul(x, w, group_sizes, *, preferred_element_type=jnp.float32, interpret: bool = False):
     from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
-    m, kdim = x.shape
-    e, kw, n = w.shape
-    if kw != kdim:
-        raise ValueError(f"x has K={kdim} but w has K={kw}")
-    if group_sizes.shape != (e,):
-        raise ValueError(f"group_sizes shape {group_sizes.shape} != (num_groups,) = {(e,)}")
+    m, kdim, e, n = check_shapes(x, w, group_sizes)
     pad = lambda a: -(-a // TILE) * TILE - a  # noqa: E731
     xp = jnp.pad(x, ((0, pad(m)), (0, pad(kdim))))
     wp = jnp.pad(w, ((0, 0), (0, pad(kdim)), (0, pad(n))))

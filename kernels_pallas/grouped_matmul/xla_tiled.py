@@ -11,16 +11,12 @@ Rows past sum(group_sizes) give 0.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from kernels_pallas.grouped_matmul.shapes import check_shapes
 
 
 def grouped_matmul(x, w, group_sizes, *, block_m: int = 128, preferred_element_type=jnp.float32):
     """(M, K) rows sorted by group x (E, K, N) -> (M, N) in preferred_element_type."""
-    m, kdim = x.shape
-    e, kw, n = w.shape
-    if kw != kdim:
-        raise ValueError(f"x has K={kdim} but w has K={kw}")
-    if group_sizes.shape != (e,):
-        raise ValueError(f"group_sizes shape {group_sizes.shape} != (num_groups,) = {(e,)}")
+    m, kdim, e, n = check_shapes(x, w, group_sizes)
     sizes = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
     starts = ends - sizes

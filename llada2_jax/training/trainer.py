@@ -257,6 +257,8 @@ class Trainer:
             with _StopFlag() as stop:
                 for step in range(start, self.total_steps):
                     index, segment = self.segment_at(step)
+                    if heldout and step == self._segment_end(index) - segment.steps:
+                        self._log_eval(state, segment, heldout, step, prefix="eval_start_")
                     host_batch = next(data_iterator)
                     window_tokens += int(np.sum(host_batch["segment_ids"] > 0))
                     fn = self._compiled(self._steps, self._train_step_fn, segment)
@@ -282,10 +284,7 @@ class Trainer:
                         window_start, window_tokens, window = time.perf_counter(), 0, []
                     if (st.eval_every and done % st.eval_every == 0) or segment_end:
                         if heldout:
-                            ev = self.evaluate(state.params, state.buffers, segment, heldout)
-                            self.logger.write({"step": done, "stage": self.stage.name, "phase": segment.name,
-                                               "block_size": segment.block_size,
-                                               **{f"eval_{k}": v for k, v in ev.items()}})
+                            self._log_eval(state, segment, heldout, done, prefix="eval_")
                     if done % st.checkpoint_every == 0 or segment_end:
                         self._save(state, data_iterator)
                     time_up = st.stop_after_steps and done - start >= st.stop_after_steps and done < self.total_steps
@@ -300,6 +299,13 @@ class Trainer:
             progress.close()
             self.checkpointer.wait()
         return state
+
+    def _log_eval(self, state, segment: Segment, heldout: list, step: int, prefix: str) -> None:
+        """Held-out metrics with fixed noise; logged at each segment's start and end (and every
+        `eval_every` steps) so a phase's progress is measured at one block size, free of batch noise."""
+        ev = self.evaluate(state.params, state.buffers, segment, heldout)
+        self.logger.write({"step": step, "stage": self.stage.name, "phase": segment.name,
+                           "block_size": segment.block_size, **{f"{prefix}{k}": v for k, v in ev.items()}})
 
     def _check_finite(self, out) -> None:
         streak = int(jax.device_get(out["streak"]))
