@@ -2,7 +2,7 @@
 
     python -m llada2_jax.main --config=experiments/tiny_wsd.py --workdir=/tmp/tiny_wsd
 
-Sized to finish in ~12 minutes on 2 CPU cores (see BUILD_NOTES.md, "tiny_wsd main run"):
+Sized to finish in ~9 minutes on 2 quiet CPU cores (see BUILD_NOTES.md, "tiny_wsd main run"):
 a 1.05M-parameter Llama-style model (4 layers, d=128, vocab 2048, tied embeddings), L = 256,
 ladder 1 -> 4 -> 32 -> 64 -> 256 | 256 | 128 -> 64 -> 32.
 """
