@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, ROOT)
 from llada2_jax.data import preference, sft  # noqa: E402
 from llada2_jax.data.tokenizers import load_tokenizer  # noqa: E402
 from llada2_jax.evaluation.likelihood import mc_elbo_loglik  # noqa: E402
+from llada2_jax.evaluation.tasks import extract_gsm8k_answer  # noqa: E402
 from llada2_jax.inference import generate  # noqa: E402
 from llada2_jax.training import mesh as mesh_lib  # noqa: E402
 from llada2_jax.training import model_source as ms  # noqa: E402
@@ -38,7 +38,6 @@ from llada2_jax.training import posttrain  # noqa: E402
 from llada2_jax.training.state import merge_model  # noqa: E402
 
 BLOCK = 32
-_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 
 def run_stage(config: str, workdir: str, init_from: str, overrides: list[str]) -> float:
@@ -89,8 +88,8 @@ def decode_eval(workdir: str, tokenizer, records: list[dict], gen_length: int, t
     correct = 0
     texts = [tokenizer.decode(t) for t in res.tokens]
     for text, r in zip(texts, records):
-        got, want = _ANSWER.search(text), _ANSWER.search(r["answer"])
-        correct += bool(got and want and got.group(1).replace(",", "") == want.group(1).replace(",", ""))
+        got, want = extract_gsm8k_answer(text), extract_gsm8k_answer(r["answer"])
+        correct += got is not None and got == want
     return {"tpf": float(res.tpf), "forwards": int(res.forwards), "tokens": int(sum(len(t) for t in res.tokens)),
             "accuracy": correct / len(records), "seconds": seconds, "example": texts[0][:300]}
 
