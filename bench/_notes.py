@@ -15,3 +15,12 @@ def replace_section(name: str, text: str, path: pathlib.Path = NOTES) -> None:
     else:
         doc = doc.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(doc)
+
+
+def publish_table(name: str, caption: str, header: list[str], rows: list[str], write: bool) -> str:
+    """Print a markdown table (caption, header row, rows) and, if `write`, store it under `name`."""
+    table = "\n".join([caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows])
+    print("\n" + table)
+    if write:
+        replace_section(name, table)
+    return table

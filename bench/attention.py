@@ -8,6 +8,8 @@ Run: PYTHONPATH=. python3 bench/attention.py [--lengths 1024 2048 4096] [--tile 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
@@ -15,7 +17,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from bench._notes import replace_section
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench._notes import publish_table  # noqa: E402
 from kernels_pallas import xla_sparse
 from llada2_jax.diffusion.masks import MaskSpec
 from llada2_jax.ops.attention import xla_attention
@@ -73,19 +76,13 @@ def main():
             rows.append(f"| {length} | {docs} | {true_sparsity:.3f} | {skipped:.3f} | {t_dense * 1e3:.0f} "
                         f"| {t_sparse * 1e3:.0f} | {t_dense / t_sparse:.2f}x |")
             print(rows[-1], flush=True)
-    table = "\n".join([
+    publish_table(
+        "bench-attention",
         f"BDLM attention fwd+bwd on CPU ({jax.device_count()} device(s), {jax.devices()[0].platform}), "
         f"L_B={args.block}, B=1, Hq/Hkv={hq}/{hkv}, D={args.head_dim}, fp32, tile={args.tile}, "
         f"best of {args.reps}. Sequence T = 2L.",
-        "",
-        "| L | docs | true sparsity | tiles skipped | dense XLA ms | xla_sparse ms | speedup |",
-        "|---|---|---|---|---|---|---|",
-        *rows,
-    ])
-    print("\n" + table)
-    if not args.no_write:
-        replace_section("bench-attention", table)
-
+        ["L", "docs", "true sparsity", "tiles skipped", "dense XLA ms", "xla_sparse ms", "speedup"],
+        rows, write=not args.no_write)
 
 if __name__ == "__main__":
     main()

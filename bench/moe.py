@@ -5,18 +5,21 @@ backward (grads w.r.t. x and the three expert weights). The ragged dispatch is t
 the model's grouped matmul as configured (`ops.grouped_matmul` impl "xla" = ragged_dot) and with
 `kernels_pallas.grouped_matmul.xla_tiled` swapped in for `ops.grouped_matmul` inside this process
 only (what a proposed CPU impl would give). Prints a markdown table and writes it into
-BUILD_NOTES.md. Run: PYTHONPATH=. python3 bench/moe.py
+BUILD_NOTES.md. Run: python3 bench/moe.py
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import contextlib
 import time
 
 import jax
 import jax.numpy as jnp
 
-from bench._notes import replace_section
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench._notes import publish_table  # noqa: E402
 from kernels_pallas.grouped_matmul import xla_tiled
 from llada2_jax import ops
 from llada2_jax.model import moe
@@ -82,18 +85,12 @@ def main():
         rows.append(f"| {n} | {t_dense * 1e3:.0f} | {t_ragged * 1e3:.0f} ({t_dense / t_ragged:.2f}x) "
                     f"| {t_tiled * 1e3:.0f} ({t_dense / t_tiled:.2f}x) |")
         print(rows[-1], flush=True)
-    table = "\n".join([
+    publish_table(
+        "bench-moe",
         f"MoE experts fwd+bwd on CPU, model code (`model.moe`), E={e}, k={args.top_k}, d={d}, I={i}, "
         f"fp32, xla_tiled block_m={args.block_m}, best of {args.reps}; speedup vs dense in parentheses.",
-        "",
-        "| tokens | dense all-experts ms | ragged dispatch, ragged_dot ms | ragged dispatch, xla_tiled gmm ms |",
-        "|---|---|---|---|",
-        *rows,
-    ])
-    print("\n" + table)
-    if not args.no_write:
-        replace_section("bench-moe", table)
-
+        ["tokens", "dense all-experts ms", "ragged dispatch, ragged_dot ms", "ragged dispatch, xla_tiled gmm ms"],
+        rows, write=not args.no_write)
 
 if __name__ == "__main__":
     main()
