@@ -106,8 +106,8 @@ def main(argv=None) -> int:
                      f"{res.wall_time:.2f} | {res.tokens_per_sec:.1f} | {ratio} |")
     table = "\n".join(lines)
     print(table)
-    if args.write_notes:
-        replace_section("bench-decode", table, pathlib.Path(args.write_notes))
+    if args.write_notes:  # one table per model source
+        replace_section("bench-decode-smollm2" if args.smollm2 else "bench-decode", table, pathlib.Path(args.write_notes))
     return 0
 
 

@@ -1,14 +1,13 @@
 """Backend choice for the kernels reached from `llada2_jax.ops`.
 
 attention impl "xla_sparse" -> tile-skipping XLA path (any backend);
-              "pallas"     -> the Pallas/Triton kernel (interpret mode on CPU unless told
-                              otherwise); on TPU, until a Mosaic kernel exists, "xla_sparse".
+              "pallas"     -> on TPU the Mosaic kernel (block_sparse_attention/tpu.py), elsewhere
+                              the Pallas/Triton kernel (gpu.py); interpret mode on CPU unless told
+                              otherwise.
 grouped_matmul -> megablox gmm on TPU, the Pallas/Triton kernel elsewhere (interpret on CPU).
 Imports only jax/numpy and this repo, so the GPU check runs with a bare jax install.
 """
 from __future__ import annotations
-
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +17,12 @@ from llada2_jax.diffusion.masks import MaskSpec
 ATTENTION_IMPLS = ("xla_sparse", "pallas")
 
 
+def _backend() -> str:
+    return jax.default_backend()
+
+
 def _interpret(interpret: bool | None) -> bool:
-    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+    return _backend() == "cpu" if interpret is None else bool(interpret)
 
 
 def attention(q, k, v, spec: MaskSpec, impl: str = "xla_sparse", scale: float | None = None,
@@ -33,12 +36,9 @@ def attention(q, k, v, spec: MaskSpec, impl: str = "xla_sparse", scale: float | 
     if impl != "pallas":
         raise ValueError(f"unknown kernel attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     interpret = _interpret(interpret)
-    if jax.default_backend() == "tpu" and not interpret:
-        # No Mosaic kernel yet (see BUILD_NOTES.md, Kernels): the tile-skipping XLA path is exact and
-        # skips the same tiles, so TPU callers get correct results at XLA speed.
-        warnings.warn("attention impl='pallas' has no TPU kernel yet; using impl='xla_sparse'", stacklevel=2)
-        from kernels_pallas import xla_sparse
-        return xla_sparse.attention(q, k, v, spec, scale=scale)
+    if _backend() == "tpu":
+        from kernels_pallas.block_sparse_attention import tpu
+        return tpu.attention(q, k, v, spec, scale=scale, interpret=interpret)
     from kernels_pallas.block_sparse_attention import gpu
     return gpu.attention(q, k, v, spec, scale=scale, interpret=interpret)
 
@@ -46,7 +46,7 @@ def attention(q, k, v, spec: MaskSpec, impl: str = "xla_sparse", scale: float | 
 def grouped_matmul(x, w, group_sizes, interpret: bool | None = None, preferred_element_type=jnp.float32):
     """(M, K) rows sorted by group x (E, K, N) -> (M, N); rows past sum(group_sizes) are 0."""
     interpret = _interpret(interpret)
-    if jax.default_backend() == "tpu" and not interpret:
+    if _backend() == "tpu" and not interpret:
         from kernels_pallas.grouped_matmul import tpu
         return tpu.grouped_matmul(x, w, group_sizes, preferred_element_type=preferred_element_type)
     from kernels_pallas.grouped_matmul import gpu

@@ -115,6 +115,28 @@ def test_cached_equals_uncached_and_accepts_several_per_step():
     assert cached.forwards == uncached.forwards + 1 + 1  # prefill + the refresh of block 1 (blocks 1, 2 decoded)
 
 
+def test_cached_equals_uncached_across_cache_windows():
+    """Canvas of 8 blocks: the cache grows through windows of 2, 4 and 8 blocks (rows start apart)."""
+    model = confident_model(1)
+    kw = dict(gen_length=45, block_size=L, threshold=0.8, mask_id=MASK, eos_id=MASK)  # never stops early
+    prompts = [PROMPT, PROMPT[:3]]
+    cached = generate(model, prompts, use_cache=True, **kw)
+    uncached = generate(model, prompts, use_cache=False, **kw)
+    assert cached.tokens == uncached.tokens
+    assert [len(t) for t in cached.tokens] == [45, 45]
+
+
+def test_kv_cache_grow_keeps_slots_and_refuses_to_shrink():
+    cache = KVCache(jnp.arange(24.0).reshape(1, 1, 3, 2, 4), -jnp.arange(24.0).reshape(1, 1, 3, 2, 4))
+    grown = cache.grow(5)
+    assert grown.max_len == 5
+    np.testing.assert_array_equal(grown.k[:, :, :3], cache.k)
+    np.testing.assert_array_equal(grown.v[:, :, :3], cache.v)
+    assert not np.any(grown.k[:, :, 3:]) and not np.any(grown.v[:, :, 3:])
+    with pytest.raises(ValueError, match="shrink"):
+        cache.grow(2)
+
+
 def test_batch_equals_single_runs():
     model = confident_model(0)
     prompts = [PROMPT[:3], PROMPT, PROMPT + [7] * 9]  # 0, 1 and 2 full prompt blocks
@@ -143,10 +165,10 @@ def test_no_recompilation_across_prompts_thresholds_and_steps():
     model = confident_model(0)
     kw = dict(gen_length=24, block_size=L, mask_id=MASK, eos_id=62)
     generate(model, [PROMPT], threshold=0.9, **kw)
-    before = decode._decode_cached._cache_size()
+    before = decode._prefill._cache_size(), decode._decode_window._cache_size()
     generate(model, [PROMPT[::-1] + [1]], threshold=0.7, steps=3, **kw)  # same length buckets
     generate(confident_model(1), [PROMPT[:9]], threshold=0.95, **kw)  # other weights, same config
-    assert decode._decode_cached._cache_size() == before
+    assert (decode._prefill._cache_size(), decode._decode_window._cache_size()) == before
 
 
 # ---- a model whose confidence at [MASK] inputs is set exactly through its weights ----

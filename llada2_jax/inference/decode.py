@@ -6,18 +6,24 @@ exactly what it would compute alone. One loop iteration = one model forward for 
 per row it is either a denoising step on the row's current block, a cache refresh of the block
 just completed (cached path only), or nothing (the row is done).
 
-Cached path: one jitted call. The prompt's full blocks are prefilled once (length bucketed, see
-`result.bucket`); each step feeds only the L_B tokens of each row's current block at their absolute
-positions, writes their K/V into the cache slots of that block and attends to slots < block end.
-A completed block is refreshed by one extra forward on its final tokens (not folded into the next
-block's first step, so every forward feeds exactly L_B tokens per row and has one static shape).
-Junk that the prefill or a finished row writes into later slots is always overwritten before any
-query can see it, because a block's queries only see slots up to their own block's end and every
-forward writes all slots of the block it feeds.
+Both paths run in windows: a jitted `lax.while_loop` runs while every unfinished row's current
+block ends inside the window, then the host picks the next window and re-enters (one compilation
+per window length, reused by later calls).
+
+Cached path: the prompt's full blocks are prefilled once (length bucketed, see `result.bucket`);
+each step feeds only the L_B tokens of each row's current block at their absolute positions,
+writes their K/V into the cache slots of that block and attends to slots < block end. The cache
+holds only the window (a power of two of blocks, at most the canvas) and grows between windows,
+so attention covers the live prefix rather than the whole canvas. A completed block is refreshed
+by one extra forward on its final tokens (not folded into the next block's first step, so every
+forward feeds exactly L_B tokens per row and has one static shape). Junk that the prefill or a
+finished row writes into later slots is always overwritten before any query can see it, because
+a block's queries only see slots up to their own block's end and every forward writes all slots
+of the block it feeds (writes past the window are dropped; only finished rows make them).
 
 Uncached path: every step runs the model on the canvas prefix x[:, :W] with the block-causal mask,
 W = (max current block of the unfinished rows + 1) · L_B — the exact prefix of a single-prompt
-run. It is jitted once per window length and re-entered from the host once per block.
+run, so its window changes once per block.
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ class _Plan:
     """Everything static about one decode call (part of the jit cache key)."""
     block_size: int
     prefill_len: int  # cached path: prompt slots prefilled (0 = no full prompt block in any row)
-    window: int  # uncached path: model input length
+    window: int  # cache length (cached) or model input length (uncached) of one window
     cached: bool
     greedy: bool
     top_k: int | None
@@ -88,7 +94,7 @@ def slot_mask(positions, num_slots: int, block_size: int) -> MaskSpec:
 def _forward_block(model, loop: _Loop, idx, tokens, plan: _Plan):
     """Logits (B, L_B, V) of each row's current block, and the updated cache."""
     if plan.cached:
-        out = model.forward(tokens, idx, slot_mask(idx, loop.x.shape[1], plan.block_size), cache=loop.cache)
+        out = model.forward(tokens, idx, slot_mask(idx, plan.window, plan.block_size), cache=loop.cache)
         return out.logits, out.cache
     b, w = loop.x.shape[0], plan.window
     positions = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
@@ -139,27 +145,27 @@ def _initial_loop(x, rows: _Rows, block_size: int, cache, forwards, row_forwards
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
-def _decode_cached(graphdef, state, x, rows: _Rows, knobs: _Knobs, plan: _Plan):
-    """Prefill + the whole block loop in one compiled call; returns (canvas, forwards, row_forwards)."""
+def _prefill(graphdef, state, x, rows: _Rows, plan: _Plan) -> _Loop:
+    """The first window's cache, with the prompt's full blocks written into it."""
     model = nnx.merge(graphdef, state)
-    batch, length = x.shape
-    cache = KVCache.create(model.config, batch, length)
+    batch = x.shape[0]
+    cache = KVCache.create(model.config, batch, plan.window)
     forwards, row_forwards = jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32)
     if plan.prefill_len:
         positions = jnp.broadcast_to(jnp.arange(plan.prefill_len, dtype=jnp.int32), (batch, plan.prefill_len))
-        cache = model.forward(x[:, :plan.prefill_len], positions, slot_mask(positions, length, plan.block_size),
+        cache = model.forward(x[:, :plan.prefill_len], positions, slot_mask(positions, plan.window, plan.block_size),
                               cache=cache, compute_logits=False).cache
         forwards = forwards + 1
         row_forwards = (rows.prompt_len >= plan.block_size).astype(jnp.int32)  # rows that own a full block
-    loop = _initial_loop(x, rows, plan.block_size, cache, forwards, row_forwards)
-    loop = jax.lax.while_loop(lambda lp: ~jnp.all(lp.done), lambda lp: _step(model, lp, rows, knobs, plan), loop)
-    return loop.x, loop.forwards, loop.row_forwards
+    return _initial_loop(x, rows, plan.block_size, cache, forwards, row_forwards)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
 def _decode_window(graphdef, state, loop: _Loop, rows: _Rows, knobs: _Knobs, plan: _Plan) -> _Loop:
-    """Uncached steps while every unfinished row's current block lies inside the window."""
+    """Steps while every unfinished row's current block lies inside the window."""
     model = nnx.merge(graphdef, state)
+    if plan.cached:
+        loop = loop._replace(cache=loop.cache.grow(plan.window))
 
     def inside(lp):
         return ~jnp.all(lp.done) & jnp.all(lp.done | ((lp.block + 1) * plan.block_size <= plan.window))
@@ -167,15 +173,29 @@ def _decode_window(graphdef, state, loop: _Loop, rows: _Rows, knobs: _Knobs, pla
     return jax.lax.while_loop(inside, lambda lp: _step(model, lp, rows, knobs, plan), loop)
 
 
-def _decode_uncached(graphdef, state, x, rows: _Rows, knobs: _Knobs, plan: _Plan):
-    batch = x.shape[0]
-    loop = _initial_loop(jnp.asarray(x), rows, plan.block_size, None, jnp.zeros((), jnp.int32),
-                         jnp.zeros((batch,), jnp.int32))
+def _window(plan: _Plan, blocks_needed: int, canvas_blocks: int) -> int:
+    """Window length: the exact prefix when uncached; a power of two of blocks for the cache."""
+    if not plan.cached:
+        return blocks_needed * plan.block_size
+    return plan.block_size * min(1 << (blocks_needed - 1).bit_length(), canvas_blocks)
+
+
+def _decode(graphdef, state, x, rows: _Rows, knobs: _Knobs, plan: _Plan):
+    """Host loop over windows; returns (canvas, forwards, row_forwards)."""
+    batch, length = x.shape
+    canvas_blocks = length // plan.block_size
+    if plan.cached:
+        first = int(np.max(jax.device_get(rows.prompt_len))) // plan.block_size + 1
+        loop = _prefill(graphdef, state, x, rows,
+                        dataclasses.replace(plan, window=_window(plan, first, canvas_blocks)))
+    else:
+        loop = _initial_loop(jnp.asarray(x), rows, plan.block_size, None, jnp.zeros((), jnp.int32),
+                             jnp.zeros((batch,), jnp.int32))
     while True:
         done, block = jax.device_get((loop.done, loop.block))
         if done.all():
             return loop.x, loop.forwards, loop.row_forwards
-        window = int(block[~done].max() + 1) * plan.block_size
+        window = _window(plan, int(block[~done].max()) + 1, canvas_blocks)
         loop = _decode_window(graphdef, state, loop, rows, knobs, dataclasses.replace(plan, window=window))
 
 
@@ -233,8 +253,7 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     graphdef, state = nnx.split(model)
 
     start = time.perf_counter()
-    run = _decode_cached if use_cache else _decode_uncached
-    canvas, forwards, row_forwards = jax.device_get(run(graphdef, state, x, rows, knobs, plan))
+    canvas, forwards, row_forwards = jax.device_get(_decode(graphdef, state, x, rows, knobs, plan))
     wall = time.perf_counter() - start
 
     tokens, counted = [], 0

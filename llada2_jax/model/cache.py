@@ -23,6 +23,14 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def grow(self, max_len: int) -> "KVCache":
+        """The same cache with empty slots appended up to `max_len` (decoders grow it as they go)."""
+        if max_len < self.max_len:
+            raise ValueError(f"cannot shrink a KV cache from {self.max_len} to {max_len} slots")
+        pad = [(0, 0)] * self.k.ndim
+        pad[2] = (0, max_len - self.max_len)
+        return KVCache(jnp.pad(self.k, pad), jnp.pad(self.v, pad))
+
 
 def write(cache_k, cache_v, k, v, positions):
     """Write k/v (B, T, Hkv, D) into one layer's cache (B, S, Hkv, D) at slots positions (B, T)."""

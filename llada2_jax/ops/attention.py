@@ -2,6 +2,8 @@
 
 "xla" is the dense reference that runs anywhere; "xla_sparse" and "pallas" come from
 kernels_pallas and consume the MaskSpec features directly (they never build the dense mask).
+The kernel impls are per-device, so they go through `kernels_pallas.sharded`, which runs them under
+`shard_map` (batch and heads split) when a multi-device mesh is in context or on q.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ def attention(q, k, v, mask="causal", impl: str = "xla", *, scale: float | None 
     if impl != "xla":
         if not isinstance(mask, MaskSpec):
             mask = _as_mask_spec(mask, q.shape[0], q.shape[1], k.shape[1])
-        from kernels_pallas import dispatch  # local import: kernels are optional for the reference path
-        return dispatch.attention(q, k, v, mask, impl=impl, scale=scale, interpret=interpret)
+        from kernels_pallas import sharded  # local import: kernels are optional for the reference path
+        return sharded.attention(q, k, v, mask, impl=impl, scale=scale, interpret=interpret)
     return xla_attention(q, k, v, dense_mask(mask, q.shape[0], q.shape[1], k.shape[1]), scale=scale)
 
 
