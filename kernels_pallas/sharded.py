@@ -65,9 +65,9 @@ def attention(q, k, v, spec: MaskSpec, impl: str = "xla_sparse", scale: float | 
         q, k, v, spec, impl=impl, scale=scale, interpret=interpret)
     if mesh is None:
         return call(q, k, v, spec)
+    # Even with nothing to split (all specs replicated) the shard_map stays: on TPU a Mosaic kernel
+    # on a multi-device mesh only lowers inside one.
     batch_axes, head_axis = partition(mesh, q.shape[0], q.shape[2], k.shape[2])
-    if not batch_axes and head_axis is None:
-        return call(q, k, v, spec)
     b = batch_axes or None
     qkv = P(b, None, head_axis, None)
     feat = P(b, None)
