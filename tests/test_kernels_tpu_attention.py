@@ -2,6 +2,7 @@
 `xla_attention(q, k, v, spec.dense())`: forward and gradients w.r.t. q, k, v, plus a check that
 the compiled (interpret=False) kernel lowers for the TPU platform."""
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -204,7 +205,7 @@ def test_dispatch_uses_tpu_kernel_on_tpu(monkeypatch):
     monkeypatch.setattr(tpu, "attention", lambda *a, **kw: calls.append(kw) or "tpu-kernel")
     spec = LAYOUTS["causal_docs"]()
     q, k, v, _ = _inputs(spec, 2, 1, 16, jnp.float32)
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("error")  # no fallback warning any more
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no TPU kernel" fallback warning any more
         assert dispatch.attention(q, k, v, spec, impl="pallas") == "tpu-kernel"
     assert calls[0]["interpret"] is False

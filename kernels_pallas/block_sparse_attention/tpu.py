@@ -65,8 +65,7 @@ class _Config:
     head_dim: int    # padded to a multiple of 128
     row_steps: int   # static list lengths (forward / dQ, dK/dV) ...
     col_steps: int
-    row_full: int    # ... and the always-sufficient fallback length
-    col_full: int
+    full_steps: int  # ... and the always-sufficient fallback length (nq * nk)
     checked: bool    # traced features: check the count at run time, fall back if over
     interpret: bool
 
@@ -114,7 +113,7 @@ def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, interpret:
         return x.reshape(b, n, -1)
 
     cfg = _Config(spec.rule, float(scale), bq, bk, hq // hkv, dp, max(row_steps, 1), max(col_steps, 1),
-                  nq * nk, nq * nk, checked, bool(interpret))
+                  nq * nk, checked, bool(interpret))
     out = _flash(cfg, flat(q, tp), flat(k, sp), flat(v, sp), aux)
     return out.reshape(b, tp, hq, dp)[:, :t, :, :d]
 
@@ -312,7 +311,7 @@ def _forward(cfg: _Config, q, k, v, aux):
                               interpret=cfg.interpret,
                               )(steps[:, :n].reshape(-1), aux["qf"], aux["kf"], q, k, v)
 
-    return _budgeted(run, total, cfg.row_steps, cfg.row_full, cfg.checked)
+    return _budgeted(run, total, cfg.row_steps, cfg.full_steps, cfg.checked)
 
 
 # ---------------------------------------------------------------- backward
@@ -421,8 +420,8 @@ def _backward(cfg: _Config, q, k, v, aux, o, lse, do):
                               )(aux["cols"][0][:, :n].reshape(-1), aux["qf"], aux["kf"],
                                 q, k, v, do, lse, delta)
 
-    dq = _budgeted(run_dq, aux["rows"][1], cfg.row_steps, cfg.row_full, cfg.checked)
-    dk, dv = _budgeted(run_dkv, aux["cols"][1], cfg.col_steps, cfg.col_full, cfg.checked)
+    dq = _budgeted(run_dq, aux["rows"][1], cfg.row_steps, cfg.full_steps, cfg.checked)
+    dk, dv = _budgeted(run_dkv, aux["cols"][1], cfg.col_steps, cfg.full_steps, cfg.checked)
     return dq, dk, dv
 
 
