@@ -17,22 +17,7 @@ from kernels_pallas.block_sparse_attention import tpu
 from llada2_jax.diffusion.masks import MaskSpec
 from llada2_jax.ops.attention import xla_attention
 
-FP32_TOL = 2e-5
-BF16_TOL = 2e-2
-
-
-def _segments(rows):
-    """Each row given as [(doc id, length), ...] -> int32 (B, L)."""
-    return np.asarray([np.concatenate([np.full(n, d) for d, n in row]) for row in rows], np.int32)
-
-
-def _decode_spec(batch, block, cache_len, filled):
-    """Queries = the current block; keys = cache slots (unwritten ones belong to no document)."""
-    pos = np.arange(cache_len)
-    k_seg = np.where(pos < filled + block, 1, -1)[None].repeat(batch, 0)
-    full = lambda v: jnp.full((batch, block), v, jnp.int32)  # noqa: E731
-    return MaskSpec(full(0), full(filled // block), full(1), jnp.zeros((batch, cache_len), jnp.int32),
-                    jnp.asarray((pos // block)[None].repeat(batch, 0)), jnp.asarray(k_seg), "block_causal")
+from test_kernels_attention import BF16_TOL, FP32_TOL, _decode_spec, _segments  # shared layouts
 
 
 LAYOUTS = {

@@ -383,8 +383,8 @@ def _backward(cfg: _Config, q, k, v, aux, o, lse, do):
     nf = aux["qf"].shape[1]
     params = dict(compiler_params=_compiler_params(), interpret=cfg.interpret)
 
-    def run_dq(n):
-        qt, kt = _outer(n), _inner(n)
+    def specs(qt, kt):
+        """Block specs of (q / dq, k / v / dk / dv, lse / delta) and the inputs, for tile lookups qt, kt."""
         q_spec = pl.BlockSpec((None, bq, g * dp), lambda b_, h, p, st: (b_, qt(b_, p, st), h))
         kv_spec = pl.BlockSpec((None, bk, dp), lambda b_, h, p, st: (b_, kt(b_, p, st), h))
         stat_spec = pl.BlockSpec((None, g, bq, LANES), lambda b_, h, p, st: (b_, h, qt(b_, p, st), 0))
@@ -393,32 +393,24 @@ def _backward(cfg: _Config, q, k, v, aux, o, lse, do):
             pl.BlockSpec((None, nf, SUBLANES, bk), lambda b_, h, p, st: (b_, 0, 0, kt(b_, p, st))),
             q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
         ]
-        grid_spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(b, hkv, n), in_specs=in_specs, out_specs=q_spec,
-            scratch_shapes=[pltpu.VMEM((bq, g * dp), jnp.float32)])
-        return pl.pallas_call(functools.partial(_dq_kernel, cfg=cfg), grid_spec=grid_spec,
-                              out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), **params,
-                              )(aux["rows"][0][:, :n].reshape(-1), aux["qf"], aux["kf"],
-                                q, k, v, do, lse, delta)
+        return q_spec, kv_spec, in_specs
+
+    def call(kernel, steps, n, in_specs, out_specs, scratch, out_shape):
+        grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=(b, hkv, n), in_specs=in_specs,
+                                                 out_specs=out_specs, scratch_shapes=scratch)
+        return pl.pallas_call(functools.partial(kernel, cfg=cfg), grid_spec=grid_spec, out_shape=out_shape,
+                              **params)(steps[:, :n].reshape(-1), aux["qf"], aux["kf"], q, k, v, do, lse, delta)
+
+    def run_dq(n):
+        q_spec, _, in_specs = specs(_outer(n), _inner(n))
+        return call(_dq_kernel, aux["rows"][0], n, in_specs, q_spec, [pltpu.VMEM((bq, g * dp), jnp.float32)],
+                    jax.ShapeDtypeStruct(q.shape, q.dtype))
 
     def run_dkv(n):
-        kt, qt = _outer(n), _inner(n)  # column lists: outer = key tile, inner = query tile
-        q_spec = pl.BlockSpec((None, bq, g * dp), lambda b_, h, p, st: (b_, qt(b_, p, st), h))
-        kv_spec = pl.BlockSpec((None, bk, dp), lambda b_, h, p, st: (b_, kt(b_, p, st), h))
-        stat_spec = pl.BlockSpec((None, g, bq, LANES), lambda b_, h, p, st: (b_, h, qt(b_, p, st), 0))
-        in_specs = [
-            pl.BlockSpec((None, nf, bq, LANES), lambda b_, h, p, st: (b_, 0, qt(b_, p, st), 0)),
-            pl.BlockSpec((None, nf, SUBLANES, bk), lambda b_, h, p, st: (b_, 0, 0, kt(b_, p, st))),
-            q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
-        ]
-        grid_spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(b, hkv, n), in_specs=in_specs, out_specs=[kv_spec, kv_spec],
-            scratch_shapes=[pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dp), jnp.float32)])
-        return pl.pallas_call(functools.partial(_dkv_kernel, cfg=cfg), grid_spec=grid_spec,
-                              out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                                         jax.ShapeDtypeStruct(v.shape, v.dtype)], **params,
-                              )(aux["cols"][0][:, :n].reshape(-1), aux["qf"], aux["kf"],
-                                q, k, v, do, lse, delta)
+        _, kv_spec, in_specs = specs(_inner(n), _outer(n))  # column lists: outer = key tile, inner = query tile
+        return call(_dkv_kernel, aux["cols"][0], n, in_specs, [kv_spec, kv_spec],
+                    [pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dp), jnp.float32)],
+                    [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)])
 
     dq = _budgeted(run_dq, aux["rows"][1], cfg.row_steps, cfg.full_steps, cfg.checked)
     dk, dv = _budgeted(run_dkv, aux["cols"][1], cfg.col_steps, cfg.full_steps, cfg.checked)
