@@ -1,6 +1,7 @@
 """Block-wise threshold decoding: a plain-numpy reference of spec §9.1, exact expectations on a model
 whose confidences are set through its weights, cache vs no cache, batching, train/infer
 consistency, compilation count and bad input."""
+import dataclasses
 import functools
 import os
 import subprocess
@@ -124,6 +125,19 @@ def test_cached_equals_uncached_across_cache_windows():
     uncached = generate(model, prompts, use_cache=False, **kw)
     assert cached.tokens == uncached.tokens
     assert [len(t) for t in cached.tokens] == [45, 45]
+
+
+@pytest.mark.parametrize("impl", ["xla_sparse", "pallas"])
+def test_kernel_attention_backends_decode_like_the_dense_reference(impl):
+    """The decoder's block-causal MaskSpec (T = L_B queries over S cache slots) through the kernels."""
+    base = confident_model(0)
+    model = Transformer(dataclasses.replace(CFG, attention_impl=impl), rngs=nnx.Rngs(0))
+    nnx.update(model, nnx.state(base))
+    kw = dict(gen_length=13, block_size=L, threshold=0.7, mask_id=MASK, eos_id=62)
+    prompts = [PROMPT, PROMPT[:3]]
+    want = generate(base, prompts, **kw).tokens
+    assert generate(model, prompts, **kw).tokens == want
+    assert generate(model, prompts, use_cache=False, **kw).tokens == want
 
 
 def test_kv_cache_grow_keeps_slots_and_refuses_to_shrink():
