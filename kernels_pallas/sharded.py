@@ -40,21 +40,22 @@ def ambient_mesh(x=None):
     return mesh
 
 
-def partition(mesh, batch: int, hq: int, hkv: int):
-    """(batch axes, head axis or None) for this mesh and these sizes.
-
-    Batch takes the longest prefix of BATCH_AXES (present in the mesh) whose size product divides
-    the batch, the same rule as training.sharding, so a batch laid out by the trainer is not moved.
-    """
+def batch_axes(mesh, batch: int) -> tuple[str, ...]:
+    """The mesh axes that split `batch` rows: the longest prefix of BATCH_AXES (present in the mesh)
+    whose size product divides it, the same rule as training.sharding, so a batch laid out by the
+    trainer is not moved."""
     present = [a for a in BATCH_AXES if a in mesh.shape]
-    batch_axes: tuple[str, ...] = ()
     for i in range(len(present), 0, -1):
         if batch % math.prod(mesh.shape[a] for a in present[:i]) == 0:
-            batch_axes = tuple(present[:i])
-            break
+            return tuple(present[:i])
+    return ()
+
+
+def partition(mesh, batch: int, hq: int, hkv: int):
+    """(batch axes, head axis or None) for this mesh and these sizes."""
     tensor = mesh.shape.get(HEAD_AXIS, 1)
     head_axis = HEAD_AXIS if tensor > 1 and hq % tensor == 0 and hkv % tensor == 0 else None
-    return batch_axes, head_axis
+    return batch_axes(mesh, batch), head_axis
 
 
 def attention(q, k, v, spec: MaskSpec, impl: str = "xla_sparse", scale: float | None = None,
@@ -67,8 +68,8 @@ def attention(q, k, v, spec: MaskSpec, impl: str = "xla_sparse", scale: float | 
         return call(q, k, v, spec)
     # Even with nothing to split (all specs replicated) the shard_map stays: on TPU a Mosaic kernel
     # on a multi-device mesh only lowers inside one.
-    batch_axes, head_axis = partition(mesh, q.shape[0], q.shape[2], k.shape[2])
-    b = batch_axes or None
+    rows, head_axis = partition(mesh, q.shape[0], q.shape[2], k.shape[2])
+    b = rows or None
     qkv = P(b, None, head_axis, None)
     feat = P(b, None)
     spec_specs = MaskSpec(feat, feat, feat, feat, feat, feat, spec.rule)

@@ -1,13 +1,17 @@
 """Mixture-of-experts: routing (softmax or sigmoid group-limited), dropless dispatch, bias update.
 
 Dispatch is dropless: every (token, expert) assignment is sorted by expert and multiplied with
-`ops.grouped_matmul` (ragged_dot). `dense_experts` runs every expert on every token and is kept
-only as a test oracle.
+`ops.grouped_matmul`; on a multi-device mesh this runs per shard under `shard_map` (the kernels
+cannot be partitioned by XLA). `dense_experts` runs every expert on every token and is kept only
+as a test oracle.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from llada2_jax import ops
 
@@ -48,17 +52,112 @@ def _limit_groups(choice, n_group: int, topk_group: int):
 
 def routed_experts(config, x, weights, ids, e_gate, e_up, e_down):
     """Dropless sorted dispatch: x (N, d) -> (N, d) = sum_k w_k * expert_{id_k}(x)."""
+    return _dispatch(config, x, weights, ids, e_gate, e_up, e_down).astype(x.dtype)
+
+
+def routed_moe(config, p, x, batch: int):
+    """`route` + `routed_experts` for the rows x (N, d) of a (batch, T) input. Returns (y, load).
+
+    The grouped matmul kernels are per-device and XLA cannot partition them, so under a
+    multi-device mesh (in context or on x's sharding) both run per shard (`_sharded_moe`).
+    """
+    from kernels_pallas import sharded  # local import: kernels are optional for the reference path
+    mesh = sharded.ambient_mesh(x)
+    if mesh is not None:
+        return _sharded_moe(config, mesh, p, x, batch)
+    weights, ids, load = route(config, x, p["router"], p.get("expert_bias"))
+    return routed_experts(config, x, weights, ids, p["e_gate"], p["e_up"], p["e_down"]), load
+
+
+def _dispatch(config, x, weights, ids, e_gate, e_up, e_down, first_expert=0):
+    """fp32 (N, d): the part of the MoE output from experts [first_expert, first_expert + E_local).
+
+    Assignments to other experts get the sentinel group E_local, sort past sum(group sizes), where
+    the grouped matmul returns 0; with all experts local this is the plain dropless dispatch.
+    """
     n, d = x.shape
     k = ids.shape[-1]
-    flat = ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
+    e_local = e_gate.shape[0]
+    local = ids.reshape(-1) - first_expert
+    local = jnp.where((local >= 0) & (local < e_local), local, e_local)
+    order = jnp.argsort(local, stable=True)
     xs = x[order // k]  # (N*k, d) rows grouped by expert
-    sizes = jnp.bincount(flat, length=config.num_experts).astype(jnp.int32)
+    sizes = jnp.bincount(local, length=e_local).astype(jnp.int32)  # the sentinel is not counted
     gmm = lambda a, w: ops.grouped_matmul(a, w.astype(x.dtype), sizes, impl=config.gmm_impl).astype(x.dtype)
     h = jax.nn.silu(gmm(xs, e_gate)) * gmm(xs, e_up)
     ys = gmm(h, e_down)
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, d)
-    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights)
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _sharded_moe(config, mesh, p, x, batch: int):
+    """`routed_moe` under `shard_map`: every device routes and dispatches only its own rows.
+
+    Rows are split over the batch axes exactly as the activations are (`sharded.batch_axes`), the
+    weights as `training.sharding.LOGICAL_RULES` lays them out (expert dim over "expert", d_model
+    over "fsdp", the expert FFN width over "tensor"). Per layer, inside the shard_map:
+      - d_model axes: router and expert weights are all-gathered (FSDP, one layer at a time under
+        the layer scan), in the compute dtype;
+      - expert axes that also split the rows (expert parallelism): the routed rows are
+        all-gathered over them, each device runs its local experts on the group's rows (one source
+        shard at a time), and the partial outputs are reduce-scattered back. Dropless with static
+        shapes, and k times less traffic than an all_to_all of the N*k assignments padded for the
+        worst case;
+      - expert axes that do not split the rows, and the FFN-width axes: partial sums, psum.
+    The expert load is summed from per-shard counts (exact, so bias updates match one device).
+    """
+    from kernels_pallas import sharded
+    from llada2_jax.training.sharding import logical_to_spec
+    rows = sharded.batch_axes(mesh, batch)
+    shape = dict(mesh.shape)
+    spec = lambda name, names: logical_to_spec(names, p[name].shape, shape)  # noqa: E731
+    specs = {"router": spec("router", ("embed", None)), "e_gate": spec("e_gate", ("expert", "embed", "mlp")),
+             "e_up": spec("e_up", ("expert", "embed", "mlp")), "e_down": spec("e_down", ("expert", "mlp", "embed"))}
+    ex_axes, d_axes, i_axes = map(_axes, specs["e_gate"])
+    router_axes = _axes(specs["router"][0])
+    if (ex_axes, i_axes, d_axes) != tuple(map(_axes, specs["e_down"])) or set(i_axes) & set(rows):
+        raise ValueError(f"unsupported MoE weight layout {specs} for rows over {rows}")
+    exchange = tuple(a for a in rows if a in ex_axes)  # expert parallel: rows meet the experts
+    partial = tuple(a for a in ex_axes if a not in rows) + i_axes
+    e_local = config.num_experts // math.prod(shape[a] for a in ex_axes)
+    row_shards = math.prod(shape[a] for a in rows)
+    bias = p.get("expert_bias")
+
+    def gather(a, axis, names=d_axes):
+        return jax.lax.all_gather(a, names, axis=axis, tiled=True) if names else a
+
+    def body(x, w):
+        dt = x.dtype
+        router = gather(w["router"], 0, router_axes)
+        g, u = (gather(w[n].astype(dt), 1) for n in ("e_gate", "e_up"))
+        dn = gather(w["e_down"].astype(dt), 2)
+        weights, ids, _ = route(config, x, router, w.get("expert_bias"))
+        counts = jnp.zeros((config.num_experts,), jnp.float32).at[ids.reshape(-1)].add(1.0)
+        load = (jax.lax.psum(counts, rows) if rows else counts) / (ids.size * row_shards)
+        first = jax.lax.axis_index(ex_axes) * e_local if ex_axes else 0
+        if exchange:
+            # (S, n, ...): the rows of the S shards of this expert group, dispatched one shard at a
+            # time (rematerialized), so the padded buffers are n*k rows, not S*n*k.
+            chunks = [jax.lax.all_gather(a, exchange, axis=0) for a in (x, weights, ids)]
+            step = jax.checkpoint(lambda c: _dispatch(config, *c, g, u, dn, first))
+            y = jax.lax.psum_scatter(jax.lax.map(step, chunks), exchange, scatter_dimension=0)
+        else:
+            y = _dispatch(config, x, weights, ids, g, u, dn, first)
+        if partial:
+            y = jax.lax.psum(y, partial)
+        return y.astype(dt), load
+
+    w = {n: p[n] for n in specs} | ({} if bias is None else {"expert_bias": bias})
+    w_specs = specs | ({} if bias is None else {"expert_bias": P()})
+    tok = P(rows or None, None)
+    # check_vma=False: pallas_call outputs carry no varying-axes type. Outputs are replicated over
+    # the axes their specs leave out, because of the psums and the gathered weights.
+    return jax.shard_map(body, mesh=mesh, in_specs=(tok, w_specs), out_specs=(tok, P()),
+                         check_vma=False)(x, w)
 
 
 def dense_experts(config, x, weights, ids, e_gate, e_up, e_down):
@@ -78,9 +177,11 @@ def moe_ffn(config, p, x):
     """
     b, t, d = x.shape
     flat = x.reshape(b * t, d)
-    weights, ids, load = route(config, flat, p["router"], p.get("expert_bias"))
-    experts = dense_experts if config.moe_impl == "dense" else routed_experts
-    y = experts(config, flat, weights, ids, p["e_gate"], p["e_up"], p["e_down"])
+    if config.moe_impl == "dense":
+        weights, ids, load = route(config, flat, p["router"], p.get("expert_bias"))
+        y = dense_experts(config, flat, weights, ids, p["e_gate"], p["e_up"], p["e_down"])
+    else:
+        y, load = routed_moe(config, p, flat, batch=b)
     if config.num_shared_experts:
         dt = x.dtype
         h = jax.nn.silu(flat @ p["s_gate"].astype(dt)) * (flat @ p["s_up"].astype(dt))
