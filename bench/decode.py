@@ -56,6 +56,9 @@ def load(args):
     if args.workdir or args.smollm2:
         from llada2_jax.evaluation.models import load_model
         model, tok = load_model(f"workdir:{args.workdir}" if args.workdir else "smollm2")
+        if model.config.mask_token_id is None:  # an AR checkpoint: give it the [MASK] row (spec §4)
+            from llada2_jax.interop.convert import add_mask_token
+            model, _ = add_mask_token(model)
         text = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n    for"
         longest = max(int(n) for n in args.prompt_lengths.split(","))
         prompt = (tok.encode(text) * longest)[:longest]
