@@ -1,18 +1,17 @@
 """CPU benchmark: the model's MoE experts, dense all-experts oracle vs dropless ragged dispatch.
 
 Uses `llada2_jax.model.moe` (route + dense_experts / routed_experts) at E=64, k=8, forward and
-backward (grads w.r.t. x and the three expert weights). The ragged dispatch is timed twice: with
-the model's grouped matmul as configured (`ops.grouped_matmul` impl "xla" = ragged_dot) and with
-`kernels_pallas.grouped_matmul.xla_tiled` swapped in for `ops.grouped_matmul` inside this process
-only (what a proposed CPU impl would give). Prints a markdown table and writes it into
-BUILD_NOTES.md. Run: python3 bench/moe.py
+backward (grads w.r.t. x and the three expert weights). The ragged dispatch is timed with the
+model's two XLA grouped matmuls (`gmm_impl="xla"` = `jax.lax.ragged_dot`, and `"xla_tiled"`, the CPU
+default of "auto"). Prints a markdown table and writes it into BUILD_NOTES.md.
+Run: python3 bench/moe.py
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-import contextlib
 import time
 
 import jax
@@ -20,8 +19,6 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._notes import publish_table  # noqa: E402
-from kernels_pallas.grouped_matmul import xla_tiled
-from llada2_jax import ops
 from llada2_jax.model import moe
 from llada2_jax.model.config import ModelConfig
 
@@ -36,18 +33,6 @@ def _time(fn, *args, reps):
     return best
 
 
-@contextlib.contextmanager
-def _tiled_grouped_matmul(block_m):
-    """Route `ops.grouped_matmul` (used by model.moe.routed_experts) to the tiled XLA gmm."""
-    original = ops.grouped_matmul
-    ops.grouped_matmul = lambda x, w, sizes, impl="xla", **kw: xla_tiled.grouped_matmul(
-        x, w, sizes, block_m=block_m, **kw)
-    try:
-        yield
-    finally:
-        ops.grouped_matmul = original
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
@@ -55,7 +40,6 @@ def main():
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--inter", type=int, default=128)
-    ap.add_argument("--block-m", type=int, default=128, help="row tile of the xla_tiled gmm")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -69,26 +53,28 @@ def main():
              e_up=jax.random.normal(keys[2], (e, d, i)) * d ** -0.5,
              e_down=jax.random.normal(keys[3], (e, i, d)) * i ** -0.5)
 
-    def grad_fn(experts):
+    def grad_fn(experts, gmm_impl="xla"):
+        c = dataclasses.replace(cfg, gmm_impl=gmm_impl)
+
         def loss(x, w):
-            weights, ids, _ = moe.route(cfg, x, router)
-            return (experts(cfg, x, weights, ids, w["e_gate"], w["e_up"], w["e_down"]) ** 2).sum()
+            weights, ids, _ = moe.route(c, x, router)
+            return (experts(c, x, weights, ids, w["e_gate"], w["e_up"], w["e_down"]) ** 2).sum()
         return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
-    dense, ragged, tiled = grad_fn(moe.dense_experts), grad_fn(moe.routed_experts), grad_fn(moe.routed_experts)
+    dense = grad_fn(moe.dense_experts)
+    ragged, tiled = grad_fn(moe.routed_experts, "xla"), grad_fn(moe.routed_experts, "xla_tiled")
     rows = []
     for n in args.tokens:
         x = jax.random.normal(keys[4], (n, d))
         t_dense, t_ragged = _time(dense, x, w, reps=args.reps), _time(ragged, x, w, reps=args.reps)
-        with _tiled_grouped_matmul(args.block_m):
-            t_tiled = _time(tiled, x, w, reps=args.reps)
+        t_tiled = _time(tiled, x, w, reps=args.reps)
         rows.append(f"| {n} | {t_dense * 1e3:.0f} | {t_ragged * 1e3:.0f} ({t_dense / t_ragged:.2f}x) "
                     f"| {t_tiled * 1e3:.0f} ({t_dense / t_tiled:.2f}x) |")
         print(rows[-1], flush=True)
     publish_table(
         "bench-moe",
         f"MoE experts fwd+bwd on CPU, model code (`model.moe`), E={e}, k={args.top_k}, d={d}, I={i}, "
-        f"fp32, xla_tiled block_m={args.block_m}, best of {args.reps}; speedup vs dense in parentheses.",
+        f"fp32, best of {args.reps}; speedup vs dense in parentheses.",
         ["tokens", "dense all-experts ms", "ragged dispatch, ragged_dot ms", "ragged dispatch, xla_tiled gmm ms"],
         rows, write=not args.no_write)
 
