@@ -82,12 +82,17 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def test_sharded_kernel_attention_matches_single_device():
+def run_on_fake_devices(script: str) -> dict:
+    """Run `script` in a fresh process with 8 fake CPU devices; return the JSON it prints after RESULT."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT"):])
+    return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT"):])
+
+
+def test_sharded_kernel_attention_matches_single_device():
+    res = run_on_fake_devices(SCRIPT)
     for impl in ("xla_sparse", "pallas"):
         r = res[impl]
         assert r["err"] <= 1e-5 * max(1.0, r["scale"]), (impl, r)

@@ -17,7 +17,8 @@ from kernels_pallas.block_sparse_attention import tpu
 from llada2_jax.diffusion.masks import MaskSpec
 from llada2_jax.ops.attention import xla_attention
 
-from test_kernels_attention import BF16_TOL, FP32_TOL, _decode_spec, _segments  # shared layouts
+from test_kernels_attention import (BF16_TOL, FP32_TOL, _REFERENCE, _assert_close,  # shared layouts, checks
+                                   _decode_spec, _fwd_bwd, _segments)
 
 
 LAYOUTS = {
@@ -37,25 +38,6 @@ def _inputs(spec, hq, hkv, d, dtype, seed=0):
     shape_q, shape_kv = (b, t, hq, d), (b, s, hkv, d)
     return tuple(jax.random.normal(key, shp, jnp.float32).astype(dtype)
                  for key, shp in zip(ks, (shape_q, shape_kv, shape_kv, shape_q)))
-
-
-def _fwd_bwd(attn):
-    @jax.jit
-    def run(q, k, v, do, spec):  # spec is traced, as in training
-        out, vjp = jax.vjp(lambda q, k, v: attn(q, k, v, spec), q, k, v)
-        return (out, *vjp(do))
-    return run
-
-
-_REFERENCE = _fwd_bwd(lambda q, k, v, spec: xla_attention(q, k, v, spec.dense()))
-
-
-def _assert_close(got, want, tol):
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        assert np.isfinite(g).all(), f"{name} has non-finite values (unwritten output?)"
-        err = np.abs(g - w).max() / (np.abs(w).max() + 1e-12)
-        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
 
 
 def _kernel(block_q, block_k):

@@ -8,12 +8,8 @@ one device without a mesh; the compiled module works on local token rows only. T
 expert axis (psum instead of the token exchange) and an expert count that does not divide the
 expert axis (expert weights replicated there, d_model over fsdp x expert).
 """
-import json
-import os
-import subprocess
-import sys
 
-from test_training_fixtures import REPO
+from test_kernels_sharded import run_on_fake_devices
 
 SCRIPT = r"""
 import json, math, re
@@ -102,11 +98,7 @@ print("RESULT" + json.dumps(out))
 
 
 def test_sharded_moe_matches_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT"):])
+    res = run_on_fake_devices(SCRIPT)
     for impl in ("pallas", "xla_tiled"):
         r = res[impl]
         assert r["err"] <= 1e-5, (impl, r)  # loss and every gradient, fp32
