@@ -5,8 +5,8 @@ its devices without hardware attached, so Mosaic lowering and XLA:TPU compilatio
 kernels show up in CI. Nothing runs; each check is `jit(...).lower(abstract args).compile()`.
 
 Checks: megablox grouped matmul fwd+bwd; jax's splash attention fwd+bwd (a stand-in proving the
-Mosaic attention plumbing); this repo's TPU attention kernel fwd+bwd when
-`kernels_pallas.block_sparse_attention.tpu` is importable (the hook `check_repo_tpu_attention`);
+Mosaic attention plumbing); this repo's TPU attention kernel fwd+bwd
+(`kernels_pallas.block_sparse_attention.tpu`);
 `ops.attention(impl="pallas")` under a 4-device mesh (the shard_map wrapper); a tiny MoE model
 forward+backward with attention_impl="pallas", gmm_impl="pallas" (megablox) on one device, under
 the same mesh (the MoE shard_map of `model.moe.routed_moe`) and under a fsdp x expert mesh (expert
@@ -58,10 +58,6 @@ def fwd_bwd(fn, n_diff):
 
 
 # ---------------------------------------------------------------- checks
-class Skip(Exception):
-    """A check that cannot run here (e.g. the kernel module does not exist yet)."""
-
-
 def check_megablox_gmm(topo, mesh):
     from kernels_pallas.grouped_matmul import tpu
     one = SingleDeviceSharding(topo.devices[0])
@@ -95,11 +91,7 @@ def _bdlm_inputs(sharding, b=2, length=512, block=32, hq=4, hkv=2, d=128, dtype=
 
 
 def check_repo_tpu_attention(topo, mesh):
-    """Hook: compiles `kernels_pallas.block_sparse_attention.tpu.attention` fwd+bwd once it exists."""
-    try:
-        from kernels_pallas.block_sparse_attention import tpu
-    except ImportError as e:
-        raise Skip(f"kernels_pallas.block_sparse_attention.tpu not importable ({e})") from None
+    from kernels_pallas.block_sparse_attention import tpu
     q, k, v, spec = _bdlm_inputs(SingleDeviceSharding(topo.devices[0]))
     f = fwd_bwd(lambda q, k, v, spec: tpu.attention(q, k, v, spec), 3)
     return jax.jit(f).lower(q, k, v, spec)
@@ -198,8 +190,6 @@ def main(argv=None) -> int:
             compiled = check(topo, mesh).compile()
             kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
             rows.append((name, "ok", time.perf_counter() - t0, f"{kernels} tpu_custom_call ops in the HLO"))
-        except Skip as e:
-            rows.append((name, "skipped", time.perf_counter() - t0, str(e)))
         except Exception as e:
             msg = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
             failed += 1

@@ -44,6 +44,17 @@ class PaddedFeatures:
                        self.k_block[:, None, ki], self.k_segment[:, None, ki])
 
 
+def check_shapes(q, k, spec: MaskSpec) -> tuple[int, int, int, int, int, int]:
+    """Validate q (B, T, Hq, D), k (B, S, Hkv, D) against the MaskSpec; return (B, T, Hq, D, S, Hkv)."""
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    if spec.shape != (b, t, s):
+        raise ValueError(f"MaskSpec shape {spec.shape} does not match q/k (B, T, S) = {(b, t, s)}")
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} not a multiple of kv heads {hkv}")
+    return b, t, hq, d, s, hkv
+
+
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 

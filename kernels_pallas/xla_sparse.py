@@ -30,10 +30,7 @@ DEFAULT_BLOCK = 128  # best of 64/128 on the 2-core CPU bench (see BUILD_NOTES.m
 def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None,
               block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK):
     """q (B, T, Hq, D), k/v (B, S, Hkv, D) -> (B, T, Hq, D) in q's dtype; fp32 softmax."""
-    b, t, hq, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
-    if spec.shape != (b, t, s):
-        raise ValueError(f"MaskSpec shape {spec.shape} does not match q/k (B, T, S) = {(b, t, s)}")
+    b, t, hq, d, s, hkv = tilemap.check_shapes(q, k, spec)
     scale = d ** -0.5 if scale is None else scale
     bq, bk = min(block_q, tilemap.round_up(t, 8)), min(block_k, tilemap.round_up(s, 8))
     feats = tilemap.pad_features(spec, bq, bk)

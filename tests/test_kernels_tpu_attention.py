@@ -17,27 +17,15 @@ from kernels_pallas.block_sparse_attention import tpu
 from llada2_jax.diffusion.masks import MaskSpec
 from llada2_jax.ops.attention import xla_attention
 
-from test_kernels_attention import (BF16_TOL, FP32_TOL, _REFERENCE, _assert_close,  # shared layouts, checks
-                                   _decode_spec, _fwd_bwd, _segments)
+from test_kernels_attention import (BF16_TOL, FP32_TOL, LAYOUTS as _SHARED_LAYOUTS,  # shared layouts, checks
+                                   _REFERENCE, _assert_close, _fwd_bwd, _inputs, _segments)
 
 
 LAYOUTS = {
-    # 2L BDLM, two documents and a padding tail (segment 0) on the first row
-    "bdlm": lambda: MaskSpec.block_diffusion(_segments([[(1, 14), (2, 10), (0, 8)], [(1, 32)]]), 4),
+    **_SHARED_LAYOUTS,
     # longer BDLM so that 128-multiple tiles (the compiled-mode sizes) see several tiles
     "bdlm_long": lambda: MaskSpec.block_diffusion(_segments([[(1, 150), (2, 106)]]), 32),
-    "mdlm_docs": lambda: MaskSpec.bidirectional(_segments([[(1, 20), (2, 20), (0, 8)]])),
-    "causal_docs": lambda: MaskSpec.causal(_segments([[(1, 25), (2, 15)], [(3, 40)]])),
-    "decode": lambda: _decode_spec(2, 8, 64, 24),  # T = 8 != S = 64
 }
-
-
-def _inputs(spec, hq, hkv, d, dtype, seed=0):
-    b, t, s = spec.shape
-    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-    shape_q, shape_kv = (b, t, hq, d), (b, s, hkv, d)
-    return tuple(jax.random.normal(key, shp, jnp.float32).astype(dtype)
-                 for key, shp in zip(ks, (shape_q, shape_kv, shape_kv, shape_q)))
 
 
 def _kernel(block_q, block_k):

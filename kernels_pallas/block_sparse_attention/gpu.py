@@ -40,10 +40,7 @@ class _Config:
 def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, interpret: bool = False,
               block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK):
     """q (B, T, Hq, D), k/v (B, S, Hkv, D) -> (B, T, Hq, D) in q's dtype."""
-    b, t, hq, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
-    if spec.shape != (b, t, s):
-        raise ValueError(f"MaskSpec shape {spec.shape} does not match q/k (B, T, S) = {(b, t, s)}")
+    b, t, hq, d, s, hkv = tilemap.check_shapes(q, k, spec)
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{name}={blk} must be a power of two >= 16")

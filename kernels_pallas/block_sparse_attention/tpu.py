@@ -73,12 +73,7 @@ class _Config:
 def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None, interpret: bool = False,
               block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK):
     """q (B, T, Hq, D), k/v (B, S, Hkv, D) -> (B, T, Hq, D) in q's dtype."""
-    b, t, hq, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
-    if spec.shape != (b, t, s):
-        raise ValueError(f"MaskSpec shape {spec.shape} does not match q/k (B, T, S) = {(b, t, s)}")
-    if hq % hkv:
-        raise ValueError(f"query heads {hq} not a multiple of kv heads {hkv}")
+    b, t, hq, d, s, hkv = tilemap.check_shapes(q, k, spec)
     align = SUBLANES if interpret else LANES
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < align or blk % align or (blk > LANES and blk % LANES):

@@ -180,14 +180,16 @@ def _window(plan: _Plan, blocks_needed: int, canvas_blocks: int) -> int:
     return plan.block_size * min(1 << (blocks_needed - 1).bit_length(), canvas_blocks)
 
 
-def _decode(graphdef, state, x, rows: _Rows, knobs: _Knobs, plan: _Plan):
-    """Host loop over windows; returns (canvas, forwards, row_forwards)."""
+def _decode(graphdef, state, x, rows: _Rows, knobs: _Knobs, plan: _Plan, first_blocks: int):
+    """Host loop over windows; returns (canvas, forwards, row_forwards).
+
+    first_blocks: blocks the first window must hold (the longest prompt's first decoded block + 1).
+    """
     batch, length = x.shape
     canvas_blocks = length // plan.block_size
     if plan.cached:
-        first = int(np.max(jax.device_get(rows.prompt_len))) // plan.block_size + 1
         loop = _prefill(graphdef, state, x, rows,
-                        dataclasses.replace(plan, window=_window(plan, first, canvas_blocks)))
+                        dataclasses.replace(plan, window=_window(plan, first_blocks, canvas_blocks)))
     else:
         loop = _initial_loop(jnp.asarray(x), rows, plan.block_size, None, jnp.zeros((), jnp.int32),
                              jnp.zeros((batch,), jnp.int32))
@@ -253,7 +255,7 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     graphdef, state = nnx.split(model)
 
     start = time.perf_counter()
-    canvas, forwards, row_forwards = jax.device_get(_decode(graphdef, state, x, rows, knobs, plan))
+    canvas, forwards, row_forwards = jax.device_get(_decode(graphdef, state, x, rows, knobs, plan, full_blocks + 1))
     wall = time.perf_counter() - start
 
     tokens, counted = [], 0
