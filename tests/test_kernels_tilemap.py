@@ -13,7 +13,8 @@ def _documents(rng, batch, length, max_docs, pad_prob=0.5):
     """Contiguous documents 1..n, optionally a padding tail (segment 0)."""
     seg = np.zeros((batch, length), np.int32)
     for r in range(batch):
-        cuts = np.sort(rng.choice(np.arange(1, length), size=rng.integers(0, max_docs), replace=False))
+        cuts = np.sort(rng.choice(np.arange(1, length), size=min(rng.integers(0, max_docs), length - 1),
+                                      replace=False))  # a length-2 sequence has one cut point
         bounds = [0, *cuts, length]
         for d in range(len(bounds) - 1):
             seg[r, bounds[d]:bounds[d + 1]] = d + 1
