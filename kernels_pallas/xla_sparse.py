@@ -1,20 +1,27 @@
-"""Tile-skipping attention in plain XLA (runs anywhere, differentiable by autodiff).
+"""Tile-skipping attention in plain XLA (runs anywhere, with its own flash-style backward).
 
 The non-empty (query tile, key tile) pairs of the tile map are listed per batch row (row-major,
-so pairs of one query tile are contiguous); only those pairs are gathered and multiplied. A
-softmax across the pairs of a query tile is done with segment max / segment sums. Work and
-memory scale with the number of non-empty tiles instead of T * S.
+so pairs of one query tile are adjacent) and a `lax.scan` visits them one pair per step with an
+online softmax per query tile -- flash attention over the pair list. Each step's working set (one
+query tile, one key tile) stays in cache, which is what makes this fast on CPU; the backward
+recomputes each pair's probabilities from the saved log-sum-exp. Work scales with the number of
+non-empty tiles and memory with T + S (plus one bool element mask per listed pair).
 
 Static shapes: the pair list has a static length P.
   * concrete MaskSpec features (eager call, or features closed over as constants): P is the
     exact maximum count over the batch, computed on the host;
   * traced features (inside jit): P is a budget from the rule and shapes -- the tile count of
     the canonical single-document layout with block size = tile size, plus one tile of slack per
-    query tile row (block boundaries not aligned with tiles). A `lax.cond` checks the real count at run time and falls back to the
-    dense-mask reference when it exceeds the budget, so results are always exact; only speed
-    depends on the layout matching the budget (BDLM with L_B <= tile size, causal, decode).
+    query tile row (block boundaries not aligned with tiles). A `lax.cond` checks the real count
+    at run time and falls back to the dense-mask reference when it exceeds the budget, so results
+    are always exact; only speed depends on the layout matching the budget (BDLM with L_B <= tile
+    size, causal, decode). The cond sits inside the custom VJP: differentiating through it would
+    keep the dense branch's (T, S) residuals alive, as zeros, even when the sparse branch runs.
 """
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,14 +47,11 @@ def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None,
 
     exact = _concrete_count(nonempty)
     budget = exact if exact is not None else _traced_budget(spec.rule, t, s, bq, bk)
-    dense = lambda q, k, v: _dense(q, k, v, spec, scale)  # noqa: E731
     if budget >= nq * nk:
-        return dense(q, k, v)
-    sparse = lambda q, k, v: _sparse(q, k, v, feats, nonempty, max(budget, 1), bq, bk, scale, t)  # noqa: E731
-    if exact is not None:
-        return sparse(q, k, v)
-    fits = nonempty.sum(-1).max() <= budget
-    return jax.lax.cond(fits, sparse, dense, q, k, v)
+        return _dense(q, k, v, spec, scale)
+    pairs = _list_pairs(feats, nonempty, max(budget, 1), bq, bk)
+    fits = None if exact is not None else nonempty.sum(-1).max() <= budget  # None: known to fit
+    return _attend(q, k, v, spec, pairs, fits, scale)
 
 
 def skipped_fraction(spec: MaskSpec, block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK) -> float:
@@ -88,48 +92,158 @@ def _dense(q, k, v, spec, scale):
     return xla_attention(q, k, v, spec.dense(), scale=scale)
 
 
-def _sparse(q, k, v, feats, nonempty, n_pairs, bq, bk, scale, t):
-    b, _, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
+class _Pairs(NamedTuple):
+    """Non-empty tile pairs per batch row, query tiles ascending (so a tile's pairs are adjacent)."""
+    q_tile: jax.Array  # (B, P)
+    k_tile: jax.Array  # (B, P)
+    allow: jax.Array  # (B, P, bq, bk) element mask; all False for the padding at the end of the list
+
+
+def _list_pairs(feats, nonempty, n_pairs, bq, bk) -> _Pairs:
+    """The first n_pairs non-empty tiles per row, with their element masks.
+
+    The masks are built here, once and vectorised: inside the scan XLA would recompute them in
+    every fusion that reads the scores (that doubled the forward time).
+    """
+    b = nonempty.shape[0]
     nq, nk = feats.q_block.shape[1] // bq, feats.k_block.shape[1] // bk
-
     flat = jax.vmap(lambda row: jnp.nonzero(row, size=n_pairs, fill_value=nq * nk)[0])(nonempty)
-    valid = flat < nq * nk
-    qi = jnp.where(valid, flat // nk, nq)  # invalid pairs go to a dummy query tile nq
-    ki = jnp.where(valid, flat % nk, 0)
-    qi_src = jnp.minimum(qi, nq - 1)
+    q_tile, k_tile = jnp.minimum(flat // nk, nq - 1), flat % nk
+    f_q = [_gather(x.reshape(b, nq, bq), q_tile)[:, :, :, None] for x in (feats.q_stream, feats.q_block, feats.q_segment)]
+    f_k = [_gather(x.reshape(b, nk, bk), k_tile)[:, :, None, :] for x in (feats.k_stream, feats.k_block, feats.k_segment)]
+    return _Pairs(q_tile, k_tile, allowed(feats.rule, *f_q, *f_k) & (flat < nq * nk)[:, :, None, None])
 
-    def tiles(x, n, size):  # (B, n*size, ...) -> (B, n, size, ...)
-        x = jnp.pad(x, [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape((b, n, size) + x.shape[2:])
 
-    def gather(x, idx):  # x (B, n, ...), idx (B, P) -> (B, P, ...)
-        return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
+def _gather(x, idx):
+    """x (B, n, ...), idx (B, P) -> (B, P, ...)."""
+    return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
 
-    q_t = gather(tiles(q, nq, bq).reshape(b, nq, bq, hkv, g, d), qi_src)
-    k_t = gather(tiles(k, nk, bk), ki)
-    v_t = gather(tiles(v, nk, bk), ki)
-    f_q = [gather(x.reshape(b, nq, bq), qi_src)[:, :, :, None]
-           for x in (feats.q_stream, feats.q_block, feats.q_segment)]
-    f_k = [gather(x.reshape(b, nk, bk), ki)[:, :, None, :]
-           for x in (feats.k_stream, feats.k_block, feats.k_segment)]
-    allow = allowed(feats.rule, *f_q, *f_k) & valid[:, :, None, None]  # (B, P, bq, bk)
-    allow = allow[:, :, None, None]  # (B, P, 1, 1, bq, bk) against (hkv, g)
 
-    scores = jnp.einsum("bpqhgd,bpkhd->bphgqk", q_t, k_t, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(allow, scores, -jnp.inf)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attend(q, k, v, spec, pairs, fits, scale):
+    """Flash attention over the listed pairs, or the dense reference where `fits` is False."""
+    return _attend_fwd(q, k, v, spec, pairs, fits, scale)[0]
 
-    def seg_reduce(x, op):  # (B, P, ...) -> (B, nq + 1, ...) by query tile
-        fn = jax.ops.segment_max if op == "max" else jax.ops.segment_sum
-        return jax.vmap(lambda xb, ib: fn(xb, ib, num_segments=nq + 1, indices_are_sorted=True))(x, qi)
 
-    row_max = jax.lax.stop_gradient(seg_reduce(scores.max(-1), "max"))  # (B, nq+1, hkv, g, bq)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.exp(scores - gather(row_max, qi)[..., None])  # masked -> exp(-inf) = 0
-    denom = seg_reduce(p.sum(-1), "sum")  # (B, nq+1, hkv, g, bq)
-    out = seg_reduce(jnp.einsum("bphgqk,bpkhd->bpqhgd", p.astype(v.dtype), v_t,
-                                preferred_element_type=jnp.float32), "sum")  # (B, nq+1, bq, hkv, g, d)
-    denom = jnp.moveaxis(denom, -1, 2)[..., None]  # (B, nq+1, bq, hkv, g, 1)
-    out = out / jnp.where(denom > 0, denom, 1.0)  # fully masked rows -> 0
-    return out[:, :nq].reshape(b, nq * bq, hq, d)[:, :t].astype(q.dtype)
+def _attend_fwd(q, k, v, spec, pairs, fits, scale):
+    sparse = lambda: _sparse_forward(q, k, v, pairs, scale)  # noqa: E731
+    if fits is None:
+        out, lse = sparse()
+    else:
+        lse_shape = jax.eval_shape(sparse)[1]
+        dense = lambda: (_dense(q, k, v, spec, scale), jnp.zeros(lse_shape.shape, lse_shape.dtype))  # noqa: E731
+        out, lse = jax.lax.cond(fits, sparse, dense)
+    return out, (q, k, v, spec, pairs, fits, out, lse)
+
+
+def _attend_bwd(scale, res, d_out):
+    q, k, v, spec, pairs, fits, out, lse = res
+    sparse = lambda: _sparse_backward(q, k, v, pairs, out, lse, d_out, scale)  # noqa: E731
+    if fits is None:
+        grads = sparse()
+    else:
+        dense = lambda: jax.vjp(lambda q, k, v: _dense(q, k, v, spec, scale), q, k, v)[1](d_out)  # noqa: E731
+        grads = jax.lax.cond(fits, sparse, dense)
+    return (*grads, None, None, None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _to_rows(x, bq, hkv):
+    """(B, T, Hq, D) -> (B, nq, Hkv, g*bq, D): the g query heads of a kv head stacked per tile, so
+    every tile pair is one plain matmul per kv head (as in ops.xla_attention)."""
+    b, t, hq, d = x.shape
+    nq, g = -(-t // bq), hq // hkv
+    x = jnp.pad(x, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
+    return x.reshape(b, nq, bq, hkv, g, d).transpose(0, 1, 3, 4, 2, 5).reshape(b, nq, hkv, g * bq, d)
+
+
+def _from_rows(x, t, bq):
+    b, nq, hkv, r, d = x.shape
+    x = x.reshape(b, nq, hkv, r // bq, bq, d).transpose(0, 1, 4, 2, 3, 5)
+    return x.reshape(b, nq * bq, -1, d)[:, :t]
+
+
+def _to_tiles(x, bk):
+    """(B, S, Hkv, D) -> (B, nk, Hkv, bk, D)."""
+    b, s, hkv, d = x.shape
+    nk = -(-s // bk)
+    x = jnp.pad(x, ((0, 0), (0, nk * bk - s), (0, 0), (0, 0)))
+    return x.reshape(b, nk, bk, hkv, d).transpose(0, 1, 3, 2, 4)
+
+
+def _from_tiles(x, s):
+    b, nk, hkv, bk, d = x.shape
+    return x.transpose(0, 1, 3, 2, 4).reshape(b, nk * bk, hkv, d)[:, :s]
+
+
+def _sparse_forward(q, k, v, pairs, scale):
+    """(out (B, T, Hq, D) in q's dtype, log-sum-exp (B, nq, Hkv, g*bq); +inf on fully masked rows)."""
+    bq, bk = pairs.allow.shape[2:]
+    q_rows, k_tiles, v_tiles = _to_rows(q, bq, k.shape[2]), _to_tiles(k, bk), _to_tiles(v, bk)
+    batch = jnp.arange(q.shape[0])
+
+    def body(carry, pair):
+        m, l, acc = carry
+        s, _, _ = _pair_scores(q_rows, k_tiles, pair, scale)
+        i = pair.q_tile
+        m_new = jnp.maximum(m[batch, i], s.max(-1))  # m starts finite, so masked scores give exp(-inf) = 0
+        p = jnp.exp(s - m_new[..., None])
+        decay = jnp.exp(m[batch, i] - m_new)
+        pv = jnp.einsum("bhrk,bhkd->bhrd", p.astype(v_tiles.dtype), v_tiles[batch, pair.k_tile],
+                        preferred_element_type=jnp.float32)
+        return (m.at[batch, i].set(m_new), l.at[batch, i].set(l[batch, i] * decay + p.sum(-1)),
+                acc.at[batch, i].set(acc[batch, i] * decay[..., None] + pv))
+
+    shape = q_rows.shape[:-1]
+    m, l, acc = _scan_pairs(body, (jnp.full(shape, -1e30, jnp.float32), jnp.zeros(shape, jnp.float32),
+                                   jnp.zeros(q_rows.shape, jnp.float32)), pairs)
+    seen = l > 0
+    out = acc / jnp.where(seen, l, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)  # +inf: p = 0 in the backward
+    return _from_rows(out, q.shape[1], bq).astype(q.dtype), lse
+
+
+def _sparse_backward(q, k, v, pairs, out, lse, d_out, scale):
+    """Flash-style backward: each pair's probabilities are recomputed from the saved log-sum-exp."""
+    bq, bk = pairs.allow.shape[2:]
+    hkv = k.shape[2]
+    q_rows, k_tiles, v_tiles = _to_rows(q, bq, hkv), _to_tiles(k, bk), _to_tiles(v, bk)
+    do_rows = _to_rows(d_out.astype(jnp.float32), bq, hkv)
+    delta = jnp.sum(do_rows * _to_rows(out.astype(jnp.float32), bq, hkv), axis=-1)  # (B, nq, Hkv, rows)
+    batch = jnp.arange(q.shape[0])
+
+    def body(carry, pair):
+        dq, dk, dv = carry
+        s, q_t, k_t = _pair_scores(q_rows, k_tiles, pair, scale)
+        i, j = pair.q_tile, pair.k_tile
+        p = jnp.exp(s - lse[batch, i][..., None])
+        do = do_rows[batch, i]
+        dp = jnp.einsum("bhrd,bhkd->bhrk", do, v_tiles[batch, j].astype(jnp.float32))
+        ds = p * (dp - delta[batch, i][..., None]) * scale
+        return (dq.at[batch, i].add(jnp.einsum("bhrk,bhkd->bhrd", ds, k_t.astype(jnp.float32))),
+                dk.at[batch, j].add(jnp.einsum("bhrk,bhrd->bhkd", ds, q_t.astype(jnp.float32))),
+                dv.at[batch, j].add(jnp.einsum("bhrk,bhrd->bhkd", p, do)))
+
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+    dq, dk, dv = _scan_pairs(body, (zeros(q_rows), zeros(k_tiles), zeros(v_tiles)), pairs)
+    return (_from_rows(dq, q.shape[1], bq).astype(q.dtype), _from_tiles(dk, k.shape[1]).astype(k.dtype),
+            _from_tiles(dv, v.shape[1]).astype(v.dtype))
+
+
+def _pair_scores(q_rows, k_tiles, pair, scale):
+    """Masked fp32 scores (B, Hkv, g*bq, bk) of one pair per batch row, plus the gathered operands."""
+    batch = jnp.arange(q_rows.shape[0])
+    q_t, k_t = q_rows[batch, pair.q_tile], k_tiles[batch, pair.k_tile]
+    b, hkv, r, _ = q_t.shape
+    bq, bk = pair.allow.shape[1:]
+    s = jnp.einsum("bhrd,bhkd->bhrk", q_t, k_t, preferred_element_type=jnp.float32)
+    s = jnp.where(pair.allow[:, None, None], s.reshape(b, hkv, r // bq, bq, bk) * scale, -jnp.inf)
+    return s.reshape(b, hkv, r, bk), q_t, k_t
+
+
+def _scan_pairs(body, carry, pairs: _Pairs):
+    """lax.scan over the pair list, one pair per batch row per step: the working set stays in cache."""
+    return jax.lax.scan(lambda c, pair: (body(c, _Pairs(*pair)), None), carry,
+                        tuple(jnp.swapaxes(x, 0, 1) for x in pairs))[0]

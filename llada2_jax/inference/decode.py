@@ -174,10 +174,10 @@ def _decode_window(graphdef, state, loop: _Loop, rows: _Rows, knobs: _Knobs, pla
 
 
 def _window(plan: _Plan, blocks_needed: int, canvas_blocks: int) -> int:
-    """Window length: the exact prefix when uncached; a power of two of blocks for the cache."""
+    """Window length: the exact prefix when uncached; a bucket of blocks (see `bucket`) for the cache."""
     if not plan.cached:
         return blocks_needed * plan.block_size
-    return plan.block_size * min(1 << (blocks_needed - 1).bit_length(), canvas_blocks)
+    return plan.block_size * min(bucket(blocks_needed), canvas_blocks)
 
 
 def _decode(graphdef, state, x, rows: _Rows, knobs: _Knobs, plan: _Plan, first_blocks: int):

