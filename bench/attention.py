@@ -3,7 +3,7 @@
 Prints a markdown table and writes it into BUILD_NOTES.md (between bench markers). The spec is
 passed through jit as an argument (traced features, as in training), so the sparse path runs
 with its static budget and the run-time fallback check.
-Run: PYTHONPATH=. python3 bench/attention.py [--lengths 1024 2048 4096] [--tile 128]
+Run: PYTHONPATH=. python3 bench/attention.py [--lengths 1024 2048 4096] [--tile 64]
 """
 from __future__ import annotations
 
