@@ -13,7 +13,7 @@ per window length, reused by later calls).
 Cached path: the prompt's full blocks are prefilled once (length bucketed, see `result.bucket`);
 each step feeds only the L_B tokens of each row's current block at their absolute positions,
 writes their K/V into the cache slots of that block and attends to slots < block end. The cache
-holds only the window (a power of two of blocks, at most the canvas) and grows between windows,
+holds only the window (a bucket of blocks, at most the canvas) and grows between windows,
 so attention covers the live prefix rather than the whole canvas. A completed block is refreshed
 by one extra forward on its final tokens (not folded into the next block's first step, so every
 forward feeds exactly L_B tokens per row and has one static shape). Junk that the prefill or a
