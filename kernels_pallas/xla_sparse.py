@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import tilemap
-from llada2_jax.diffusion.masks import MaskSpec, allowed
+from llada2_jax.diffusion.masks import CLEAN, NOISY, MaskSpec, allowed
 
 DEFAULT_BLOCK = 64  # 2-core CPU, L = 2048: 64 is as fast as 128 and skips within 1.2 points of the true sparsity
 
@@ -67,23 +67,32 @@ def _concrete_count(nonempty) -> int | None:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _traced_budget(rule: str, t: int, s: int, bq: int, bk: int) -> int:
+    """Tile-map count of the canonical single-document layout, + one tile per query-tile row.
+
+    The canonical features are built in numpy: MaskSpec's jnp constructors fail inside
+    `shard_map` under a mesh context (jnp.broadcast_to asks the manual mesh for a sharding).
+    """
     nq, nk = -(-t // bq), -(-s // bk)
     if rule == "bidirectional" or t != s:
         return nq * nk
-    seg = np.ones((1, t), np.int32)
     block_size = max(bq, bk)
-    with jax.ensure_compile_time_eval():  # the canonical layout is a constant even under jit
-        if rule == "causal":
-            spec = MaskSpec.causal(seg)
-        elif rule == "block_causal":
-            spec = MaskSpec.block_causal(seg, block_size)
-        elif t % 2 == 0 and (t // 2) % block_size == 0:  # block_diffusion over [x_t ; x_0]
-            spec = MaskSpec.block_diffusion(seg[:, : t // 2], block_size)
-        else:
-            return nq * nk
-        canonical = tilemap.classify(tilemap.pad_features(spec, bq, bk), bq, bk)
-        count = int(np.sum(np.asarray(canonical) != tilemap.EMPTY))
+    position = np.arange(t, dtype=np.int32)[None]
+    stream = np.zeros_like(position)
+    if rule == "causal":
+        block = position
+    elif rule == "block_causal":
+        block = position // block_size
+    elif t % 2 == 0 and (t // 2) % block_size == 0:  # block_diffusion over [x_t ; x_0]
+        block = position % (t // 2) // block_size
+        stream = np.where(position < t // 2, NOISY, CLEAN).astype(np.int32)
+    else:
+        return nq * nk
+    canonical = MaskSpec(stream, block, np.ones_like(position), stream, block, np.ones_like(position), rule)
+    with jax.ensure_compile_time_eval():  # a constant even under jit
+        classes = tilemap.classify(tilemap.pad_features(canonical, bq, bk), bq, bk)
+        count = int(np.sum(np.asarray(classes) != tilemap.EMPTY))
     return min(nq * nk, count + nq)
 
 
