@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--gen-lengths", default="128,256,512")
     p.add_argument("--thresholds", default="0.95,0.85")
     p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--prompt-lengths", default="32,128")
+    p.add_argument("--prompt-lengths", default="32,128,256")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--stop-at-eos", action="store_true")
     p.add_argument("--write-notes", help="write the table into this markdown file (between bench-decode markers)")
