@@ -49,8 +49,9 @@ def attention(q, k, v, spec: MaskSpec, *, scale: float | None = None,
     budget = exact if exact is not None else _traced_budget(spec.rule, t, s, bq, bk)
     if budget >= nq * nk:
         return _dense(q, k, v, spec, scale)
-    pairs = _list_pairs(feats, nonempty, max(budget, 1), bq, bk)
-    fits = None if exact is not None else nonempty.sum(-1).max() <= budget  # None: known to fit
+    count = nonempty.sum(-1).max()  # pairs of the longest row
+    pairs = _list_pairs(feats, nonempty, count, max(budget, 1), bq, bk)
+    fits = None if exact is not None else count <= budget  # None: known to fit
     return _attend(q, k, v, spec, pairs, fits, scale)
 
 
@@ -109,7 +110,7 @@ class _Pairs(NamedTuple):
     steps: jax.Array  # () pairs of the longest row: loops stop there
 
 
-def _list_pairs(feats, nonempty, n_pairs, bq, bk) -> _Pairs:
+def _list_pairs(feats, nonempty, count, n_pairs, bq, bk) -> _Pairs:
     """The first n_pairs non-empty tiles per row, with their element masks.
 
     The masks are built here, once and vectorised: inside the loop XLA would recompute them in
@@ -122,7 +123,7 @@ def _list_pairs(feats, nonempty, n_pairs, bq, bk) -> _Pairs:
     f_q = [_gather(x.reshape(b, nq, bq), q_tile)[:, :, :, None] for x in (feats.q_stream, feats.q_block, feats.q_segment)]
     f_k = [_gather(x.reshape(b, nk, bk), k_tile)[:, :, None, :] for x in (feats.k_stream, feats.k_block, feats.k_segment)]
     allow = allowed(feats.rule, *f_q, *f_k) & (flat < nq * nk)[:, :, None, None]
-    return _Pairs(q_tile, k_tile, allow, jnp.minimum(nonempty.sum(-1).max(), n_pairs))
+    return _Pairs(q_tile, k_tile, allow, jnp.minimum(count, n_pairs))
 
 
 def _gather(x, idx):

@@ -80,14 +80,12 @@ def _gmm_fwd(x, w, group_sizes, block_m, out_dtype):
         return _write_rows(y, start, mask, jnp.dot(_rows(xp, start, block_m), w[g], preferred_element_type=out_dtype))
 
     y = _tile_loop(tiles, block_m, body, jnp.zeros((m + block_m, w.shape[2]), out_dtype))
-    return y[:m], (x, w, group_sizes)
+    return y[:m], (xp, w, tiles)
 
 
 def _gmm_bwd(block_m, out_dtype, res, dy):
-    x, w, group_sizes = res
-    m, acc = x.shape[0], jnp.float32
-    tiles = _tiles(group_sizes, m, block_m)
-    xp = jnp.pad(x, ((0, block_m), (0, 0)))
+    xp, w, tiles = res  # the padded rows and the tile list of the forward
+    m, acc = dy.shape[0], jnp.float32
     dyp = jnp.pad(dy, ((0, block_m), (0, 0)))
 
     def body(start, g, mask, carry):
@@ -97,8 +95,8 @@ def _gmm_bwd(block_m, out_dtype, res, dy):
         dw = dw.at[g].add(jnp.dot(_rows(xp, start, block_m).T, dy_rows, preferred_element_type=acc))
         return dx, dw
 
-    dx, dw = _tile_loop(tiles, block_m, body, (jnp.zeros((m + block_m, x.shape[1]), acc), jnp.zeros(w.shape, acc)))
-    return dx[:m].astype(x.dtype), dw.astype(w.dtype), None
+    dx, dw = _tile_loop(tiles, block_m, body, (jnp.zeros((m + block_m, xp.shape[1]), acc), jnp.zeros(w.shape, acc)))
+    return dx[:m].astype(xp.dtype), dw.astype(w.dtype), None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
