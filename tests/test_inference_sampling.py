@@ -71,6 +71,19 @@ def test_propose_greedy_excludes_mask_and_reports_probability():
     np.testing.assert_allclose(float(conf[0, 0]), p[2], rtol=1e-6)
 
 
+def test_propose_greedy_matches_numpy_with_ties():
+    rng = np.random.default_rng(4)
+    logits = rng.integers(-3, 4, size=(3, 7, 50)).astype(np.float32)  # many tied maxima
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    tok, conf = sampling.propose(jnp.asarray(logits), keys, temperature=1.0, greedy=True, exclude_id=2)
+    ref = logits.copy()
+    ref[..., 2] = -np.inf
+    probs = np.exp(ref - ref.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_array_equal(np.asarray(tok), np.argmax(ref, -1))  # numpy: first maximal index
+    np.testing.assert_allclose(np.asarray(conf), probs.max(-1), rtol=1e-6)
+
+
 def test_propose_sampling_draws_inside_the_filter_with_filtered_probability():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 500, 10)), jnp.float32)
     keys = jax.random.split(jax.random.PRNGKey(1), 2)

@@ -48,14 +48,26 @@ def propose(logits, keys, *, temperature, greedy: bool, top_k: int | None = None
     if exclude_id is not None:
         logits = logits.at[..., exclude_id].set(-jnp.inf)
     if greedy:
-        tokens = jnp.argmax(logits, axis=-1)
-        conf = jnp.exp(jnp.max(logits, axis=-1) - jax.nn.logsumexp(logits, axis=-1))
-        return tokens.astype(jnp.int32), conf
+        return _greedy(logits)
     logits = filter_logits(logits / temperature, top_k, top_p)
     tokens = jax.vmap(lambda k, row: jax.random.categorical(k, row, axis=-1))(keys, logits)
     logp = jax.nn.log_softmax(logits, axis=-1)
     conf = jnp.exp(jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0])
     return tokens.astype(jnp.int32), conf
+
+
+def _greedy(logits):
+    """argmax (lowest index on ties) and its softmax probability.
+
+    Written as max, then the lowest index holding it: XLA CPU's variadic argmax reduce took twice
+    as long (32 x 49152 logits: 4.7 vs 2.2 ms, a few percent of a cached SmolLM2 step).
+    """
+    vocab = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    ids = jnp.arange(vocab, dtype=jnp.int32)
+    tokens = jnp.minimum(jnp.min(jnp.where(logits == top, ids, vocab), axis=-1), vocab - 1)  # NaN rows stay in range
+    conf = 1.0 / jnp.sum(jnp.exp(logits - top), axis=-1)
+    return tokens, conf
 
 
 def accept(conf, masked, quota, threshold):
