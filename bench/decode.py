@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.write_notes:  # one table per model source
-        replace_section("bench-decode-smollm2" if args.smollm2 else "bench-decode", table, pathlib.Path(args.write_notes))
+        section = "bench-decode-smollm2" if args.smollm2 else "bench-decode" if args.workdir else "bench-decode-random"
+        replace_section(section, table, pathlib.Path(args.write_notes))
     return 0
 
 
