@@ -20,7 +20,9 @@ def attention(q, k, v, mask="causal", impl: str = "xla", *, scale: float | None 
     """Softmax attention with GQA.
 
     q: (B, T, Hq, D); k, v: (B, S, Hkv, D) with Hq a multiple of Hkv (query head h uses kv head
-    h // (Hq // Hkv)). mask: "causal" | "bidirectional" | bool (B, T, S) | MaskSpec.
+    h // (Hq // Hkv)). mask: "causal" | "bidirectional" | bool (B, T, S) | MaskSpec; "causal"
+    with T < S means the queries are the last T of the S keys (decode). A dense bool mask has no
+    per-token features to build a tile map from, so every impl runs it on the dense path.
     Returns (B, T, Hq, D) in q's dtype; scores and softmax are computed in fp32.
     """
     if q.shape[2] % k.shape[2]:
@@ -29,9 +31,9 @@ def attention(q, k, v, mask="causal", impl: str = "xla", *, scale: float | None 
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto":
         impl = _auto_impl(mask)
-    if impl != "xla":
-        if not isinstance(mask, MaskSpec):
-            mask = _as_mask_spec(mask, q.shape[0], q.shape[1], k.shape[1])
+    if impl != "xla" and isinstance(mask, str):
+        mask = _as_mask_spec(mask, q.shape[0], q.shape[1], k.shape[1])
+    if impl != "xla" and isinstance(mask, MaskSpec):
         from kernels_pallas import sharded  # local import: kernels are optional for the reference path
         return sharded.attention(q, k, v, mask, impl=impl, scale=scale, interpret=interpret)
     return xla_attention(q, k, v, dense_mask(mask, q.shape[0], q.shape[1], k.shape[1]), scale=scale)
@@ -44,11 +46,16 @@ def _auto_impl(mask) -> str:
     return "pallas" if backend in ("tpu", "gpu") else "xla_sparse"
 
 
-def _as_mask_spec(mask, b, t, s) -> MaskSpec:
-    if isinstance(mask, str) and t == s:
-        seg = jnp.ones((b, t), jnp.int32)
-        return MaskSpec.causal(seg) if mask == "causal" else MaskSpec.bidirectional(seg)
-    raise ValueError("sparse attention backends need a MaskSpec (or 'causal'/'bidirectional' with T == S)")
+def _as_mask_spec(mask: str, b, t, s) -> MaskSpec:
+    """"causal" (queries are the last t of s keys) or "bidirectional" as features."""
+    if mask not in ("causal", "bidirectional"):
+        raise ValueError(f"unknown mask {mask!r}; expected 'causal', 'bidirectional', a bool array or a MaskSpec")
+    zeros_q, zeros_k = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
+    if mask == "bidirectional":
+        return MaskSpec(zeros_q, zeros_q, zeros_q + 1, zeros_k, zeros_k, zeros_k + 1, "bidirectional")
+    q_pos = jnp.broadcast_to(jnp.arange(s - t, s, dtype=jnp.int32), (b, t))
+    k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    return MaskSpec(zeros_q, q_pos, zeros_q + 1, zeros_k, k_pos, zeros_k + 1, "causal")
 
 
 def dense_mask(mask, b: int, t: int, s: int) -> jax.Array:
