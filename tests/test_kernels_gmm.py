@@ -87,3 +87,21 @@ def test_xla_tiled_traced_group_sizes(block_m):
     want = run(_reference, x, w, jnp.asarray(sizes))
     for name, g, r in zip(("out", "dx", "dw"), got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", ["xla", "xla_tiled", "pallas", "auto"])
+def test_ops_grouped_matmul_takes_plain_sizes_and_names_bad_ones(impl):
+    """group_sizes as a Python list or numpy array; a numpy loop is the reference."""
+    from llada2_jax import ops
+    x, w, _ = _inputs(jnp.float32)
+    want, start = np.zeros((x.shape[0], w.shape[2]), np.float32), 0
+    for g, size in enumerate(GROUPS):
+        want[start:start + size] = np.asarray(x)[start:start + size] @ np.asarray(w)[g]
+        start += size
+    for sizes in (GROUPS.tolist(), GROUPS):
+        got = ops.grouped_matmul(x, w, sizes, impl=impl, interpret=True)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="sum to 100 rows but x has only 80"):
+        ops.grouped_matmul(x, w, [20, 0, 37, 5, 18, 20], impl=impl)
+    with pytest.raises(ValueError, match="group_sizes shape"):
+        ops.grouped_matmul(x, w, [40, 40], impl=impl)
