@@ -301,6 +301,19 @@ def test_bad_input_raises(kw, match):
         generate(confident_model(0), prompts, **args)
 
 
+def test_mask_id_defaults_to_the_config_and_eos_none_never_stops():
+    model = constant_model({62: 0.99})  # EOS is every position's argmax
+    model.config = CFG.replace(mask_token_id=MASK)
+    explicit = generate(model, [PROMPT], gen_length=8, block_size=L, mask_id=MASK, eos_id=62)
+    default = generate(model, [PROMPT], gen_length=8, block_size=L, eos_id=62)
+    assert default.tokens == explicit.tokens == [[62]]
+    endless = generate(model, [PROMPT], gen_length=8, block_size=L, eos_id=None)
+    assert endless.tokens == [[62] * 8]
+    no_mask = Transformer(CFG, rngs=nnx.Rngs(0))  # CFG has no mask_token_id
+    with pytest.raises(ValueError, match=r"no \[MASK\] token"):
+        generate(no_mask, [PROMPT], gen_length=8, block_size=L, eos_id=62)
+
+
 def test_sampling_is_reproducible_and_top_k_one_is_greedy():
     model = confident_model(0)
     kw = dict(gen_length=24, block_size=L, threshold=0.9, mask_id=MASK, eos_id=62)

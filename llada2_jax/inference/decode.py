@@ -210,8 +210,12 @@ def _check_args(config, longest_prompt, gen_length, block_size, threshold, steps
         raise ValueError(f"threshold={threshold} must be in [0, 1]")
     if steps is not None and steps < 1:
         raise ValueError(f"steps={steps} must be >= 1 (or None for one token per step)")
+    if mask_id is None:
+        raise ValueError("no mask_id given and model.config.mask_token_id is None: this model has no [MASK] "
+                         "token (convert an AR checkpoint with llada2_jax.interop.convert.add_mask_token)")
     check_token_id("mask_id", mask_id, config.vocab_size)
-    check_token_id("eos_id", eos_id, config.vocab_size)
+    if eos_id is not None:
+        check_token_id("eos_id", eos_id, config.vocab_size)
     if longest_prompt + gen_length > config.max_position_embeddings:
         raise ValueError(f"prompt length {longest_prompt} + gen_length={gen_length} = {longest_prompt + gen_length} "
                          f"exceeds max_position_embeddings={config.max_position_embeddings}")
@@ -219,17 +223,20 @@ def _check_args(config, longest_prompt, gen_length, block_size, threshold, steps
 
 def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold: float = 0.95,
              steps: int | None = None, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, mask_id: int, eos_id: int, use_cache: bool = True,
+             top_p: float | None = None, mask_id: int | None = None, eos_id: int | None, use_cache: bool = True,
              rng=None) -> GenerationResult:
     """Block-wise threshold decoding of a batch of prompts (lists of token ids).
 
     Per block and step: commit every masked position whose confidence exceeds `threshold`, else
     the quota[step] most confident ones (quota: block_size split over `steps`, default one per
-    step; steps is clamped to min(steps, gen_length, block_size) as in HF). `[MASK]` is never proposed. A row stops after the
-    block in which it produced EOS, or after gen_length tokens. With temperature > 0 a row's
-    random stream depends on its index in the batch; greedy rows equal single-prompt runs.
+    step; steps is clamped to min(steps, gen_length, block_size) as in HF). `[MASK]` is never
+    proposed. A row stops after the block in which it produced EOS, or after gen_length tokens
+    (eos_id=None: no EOS stop). mask_id defaults to model.config.mask_token_id. With
+    temperature > 0 a row's random stream depends on its index in the batch; greedy rows equal
+    single-prompt runs.
     """
     arrays = check_prompts(prompts, model.config.vocab_size, allow_empty=True)
+    mask_id = model.config.mask_token_id if mask_id is None else mask_id
     prompt_len = np.array([a.size for a in arrays], np.int32)
     _check_args(model.config, int(prompt_len.max()), gen_length, block_size, threshold, steps, mask_id, eos_id)
     check_sampling(temperature, top_k, top_p)
@@ -250,7 +257,7 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     rows = _Rows(jnp.asarray(prompt_len), jnp.asarray(num_blocks - 1, jnp.int32),
                  jnp.asarray(prompt_len + gen_length, jnp.int32))
     knobs = _Knobs(jnp.asarray(quota), jnp.float32(threshold), jnp.float32(max(temperature, 1e-6)),
-                   jnp.float32(top_p or 1.0), jnp.int32(mask_id), jnp.int32(eos_id),
+                   jnp.float32(top_p or 1.0), jnp.int32(mask_id), jnp.int32(-1 if eos_id is None else eos_id),
                    jax.random.PRNGKey(0) if rng is None else rng)
     graphdef, state = nnx.split(model)
 
