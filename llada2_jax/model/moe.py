@@ -119,11 +119,10 @@ def _unsort_rows(ys, order, rank):
 
 
 def _unsort_rows_fwd(ys, order, rank):
-    return ys[rank], (order, rank)
+    return ys[rank], order
 
 
-def _unsort_rows_bwd(res, g):
-    order, _ = res
+def _unsort_rows_bwd(order, g):
     return g[order], None, None
 
 
