@@ -55,9 +55,15 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, *, allow_em
         raise ValueError(f"prompts must be a non-empty list of token-id lists, got {prompts!r}")
     out = []
     for i, p in enumerate(prompts):
-        arr = np.asarray(p, dtype=np.int64).reshape(-1)
+        arr = np.asarray(p)
+        if arr.ndim != 1:
+            hint = " (pass a single prompt as [ids])" if arr.ndim == 0 else ""
+            raise ValueError(f"prompts[{i}] must be a 1-D sequence of token ids, got {arr.ndim}-D {p!r:.60}{hint}")
         if arr.size == 0 and not allow_empty:
             raise ValueError(f"prompts[{i}] is empty")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"prompts[{i}] must hold integer token ids, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64)
         bad = arr[(arr < 0) | (arr >= vocab_size)]
         if bad.size:
             raise ValueError(f"prompts[{i}] holds token id {int(bad[0])} outside the vocabulary [0, {vocab_size})")
