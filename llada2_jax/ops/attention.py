@@ -62,13 +62,8 @@ def dense_mask(mask, b: int, t: int, s: int) -> jax.Array:
     """Any accepted mask form -> bool (B, T, S)."""
     if isinstance(mask, MaskSpec):
         return mask.dense()
-    if isinstance(mask, str):
-        if mask == "bidirectional":
-            return jnp.ones((b, t, s), bool)
-        if mask == "causal":
-            # queries are the last t of s keys (s == t for a plain forward)
-            return jnp.broadcast_to(jnp.tril(jnp.ones((t, s), bool), k=s - t), (b, t, s))
-        raise ValueError(f"unknown mask {mask!r}; expected 'causal', 'bidirectional', a bool array or a MaskSpec")
+    if isinstance(mask, str):  # one definition of the string masks for every impl
+        return _as_mask_spec(mask, b, t, s).dense()
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_ or mask.shape != (b, t, s):
         raise ValueError(f"a dense mask must be bool of shape {(b, t, s)}, got {mask.dtype} {mask.shape}")
