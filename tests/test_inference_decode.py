@@ -140,6 +140,31 @@ def test_kernel_attention_backends_decode_like_the_dense_reference(impl):
     assert generate(model, prompts, use_cache=False, **kw).tokens == want
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+def test_head_runs_only_on_masked_rows_and_matches_the_full_block(greedy):
+    """_propose_masked (compaction + a head size per step) == propose on every row, at the needed rows."""
+    model = confident_model(2)
+    rng = np.random.default_rng(7)
+    hidden = jnp.asarray(rng.normal(size=(4, L, CFG.hidden_size)), jnp.float32)
+    need = np.zeros((4, L), bool)
+    need[0] = True  # the full head size
+    need[1, [1, 6]] = True  # two scattered rows
+    need[2, rng.permutation(L)[:5]] = True  # five: the next size up
+    # row 3: nothing needed (a refresh forward)
+    knobs = decode._Knobs(None, None, jnp.float32(0.8), jnp.float32(0.9), jnp.int32(MASK), None, jax.random.PRNGKey(3))
+    plan = decode._Plan(block_size=L, prefill_len=0, window=0, cached=True, greedy=greedy, top_k=None,
+                        use_top_p=not greedy)
+    key_of = functools.partial(decode.sampling.position_keys, knobs.key, jnp.arange(4), jnp.asarray([0, 3, 1, 2]))
+    cand, conf = jax.jit(lambda h, n: decode._propose_masked(model, h, n, knobs, plan, key_of))(hidden, jnp.asarray(need))
+    want_cand, want_conf = decode.sampling.propose(
+        model.logits_from_hidden(hidden), key_of(jnp.broadcast_to(jnp.arange(L), (4, L))),
+        temperature=knobs.temperature, greedy=greedy, top_p=None if greedy else knobs.top_p, exclude_id=MASK)
+    np.testing.assert_array_equal(np.asarray(cand)[need], np.asarray(want_cand)[need])
+    np.testing.assert_allclose(np.asarray(conf)[need], np.asarray(want_conf)[need], rtol=1e-5)
+    assert np.all(np.isneginf(np.asarray(conf)[~need]))
+    assert decode.head_sizes(32) == (0, 4, 8, 16, 24, 32) and decode.head_sizes(1) == (0, 1)
+
+
 def test_kv_cache_grow_keeps_slots_and_refuses_to_shrink():
     cache = KVCache(jnp.arange(24.0).reshape(1, 1, 3, 2, 4), -jnp.arange(24.0).reshape(1, 1, 3, 2, 4))
     grown = cache.grow(5)

@@ -64,7 +64,7 @@ def test_accept_matches_numpy(seed, threshold):
 
 def test_propose_greedy_excludes_mask_and_reports_probability():
     logits = jnp.asarray([[[0.0, 5.0, 1.0, 2.0]]])
-    keys = jax.random.split(jax.random.PRNGKey(0), 1)
+    keys = jax.random.split(jax.random.PRNGKey(0), 1)[:, None]
     tok, conf = sampling.propose(logits, keys, temperature=1.0, greedy=True, exclude_id=1)
     p = np.exp([0.0, 1.0, 2.0]) / np.exp([0.0, 1.0, 2.0]).sum()
     assert int(tok[0, 0]) == 3
@@ -74,7 +74,7 @@ def test_propose_greedy_excludes_mask_and_reports_probability():
 def test_propose_greedy_matches_numpy_with_ties():
     rng = np.random.default_rng(4)
     logits = rng.integers(-3, 4, size=(3, 7, 50)).astype(np.float32)  # many tied maxima
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    keys = jax.random.split(jax.random.PRNGKey(0), 21).reshape(3, 7, -1)
     tok, conf = sampling.propose(jnp.asarray(logits), keys, temperature=1.0, greedy=True, exclude_id=2)
     ref = logits.copy()
     ref[..., 2] = -np.inf
@@ -86,7 +86,7 @@ def test_propose_greedy_matches_numpy_with_ties():
 
 def test_propose_sampling_draws_inside_the_filter_with_filtered_probability():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 500, 10)), jnp.float32)
-    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    keys = jax.random.split(jax.random.PRNGKey(1), 1000).reshape(2, 500, -1)
     tok, conf = sampling.propose(logits, keys, temperature=0.7, greedy=False, top_k=3, exclude_id=0)
     filtered = numpy_filter(np.asarray(logits) / 0.7 + np.where(np.arange(10) == 0, -np.inf, 0.0), 3, None)
     probs = np.exp(filtered - filtered.max(-1, keepdims=True))

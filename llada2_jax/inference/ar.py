@@ -53,7 +53,7 @@ class _Loop(NamedTuple):
 
 def _next_tokens(logits, loop_count, knobs: _Knobs, plan: _Plan):
     keys = sampling.row_keys(knobs.key, jnp.arange(logits.shape[0]), loop_count)
-    tokens, _ = sampling.propose(logits, keys, temperature=knobs.temperature, greedy=plan.greedy, top_k=plan.top_k,
+    tokens, _ = sampling.propose(logits, keys[:, None], temperature=knobs.temperature, greedy=plan.greedy, top_k=plan.top_k,
                                  top_p=knobs.top_p if plan.use_top_p else None)
     return tokens[:, 0]
 

@@ -91,17 +91,53 @@ def slot_mask(positions, num_slots: int, block_size: int) -> MaskSpec:
                     jnp.zeros_like(k_block), k_block, jnp.ones_like(k_block), "block_causal")
 
 
-def _forward_block(model, loop: _Loop, idx, tokens, plan: _Plan):
-    """Logits (B, L_B, V) of each row's current block, and the updated cache."""
+def _block_hidden(model, loop: _Loop, idx, tokens, plan: _Plan):
+    """Final hidden states (B, L_B, d) of each row's current block, and the updated cache."""
     if plan.cached:
-        out = model.forward(tokens, idx, slot_mask(idx, plan.window, plan.block_size), cache=loop.cache)
-        return out.logits, out.cache
+        out = model.forward(tokens, idx, slot_mask(idx, plan.window, plan.block_size), cache=loop.cache,
+                            compute_logits=False)
+        return out.hidden, out.cache
     b, w = loop.x.shape[0], plan.window
     positions = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
     spec = MaskSpec.block_causal(jnp.ones((b, w), jnp.int32), plan.block_size)
     hidden = model.forward(loop.x[:, :w], positions, spec, compute_logits=False).hidden
-    rows = jnp.take_along_axis(hidden, jnp.minimum(idx, w - 1)[..., None], axis=1)  # finished rows may lie beyond w
-    return model.logits_from_hidden(rows), None
+    return jnp.take_along_axis(hidden, jnp.minimum(idx, w - 1)[..., None], axis=1), None  # finished rows may lie beyond w
+
+
+def head_sizes(block_size: int) -> tuple[int, ...]:
+    """Row counts the output head is compiled for; a step uses the smallest that holds its masked rows."""
+    return tuple(sorted({0, block_size} | {-(-block_size * eighths // 8) for eighths in (1, 2, 4, 6)}))
+
+
+def _propose_masked(model, hidden, need, knobs: _Knobs, plan: _Plan, key_of):
+    """Candidates and confidences (B, L_B) at the positions in `need` (-inf elsewhere).
+
+    Why: a committed position needs no logits, and the output head (d x V) is a large part of a
+    block step (tiny_wsd: ~40 % of its matmul work; LLaDA2's vocabulary is 157k). The rows still
+    needed are moved to the front and the head runs on the smallest size of `head_sizes` that
+    holds the most any row needs (`lax.switch`, so shapes stay static); a refresh forward needs none.
+    `key_of(order)` gives the PRNG keys (B, n) of the block positions `order` (B, n).
+    """
+    size = need.shape[1]
+    order = jnp.argsort(~need, axis=1, stable=True)  # needed positions first, in position order
+    back = jnp.argsort(order, axis=1)  # inverse permutation
+    rows = jnp.take_along_axis(hidden, order[..., None], axis=1)
+    sizes = head_sizes(size)
+
+    def head(n):
+        def run(rows, order):
+            cand, conf = jnp.zeros(need.shape, jnp.int32), jnp.full(need.shape, -jnp.inf, jnp.float32)
+            if n == 0:
+                return cand, conf
+            c, p = sampling.propose(model.logits_from_hidden(rows[:, :n]), key_of(order[:, :n]),
+                                    temperature=knobs.temperature, greedy=plan.greedy, top_k=plan.top_k,
+                                    top_p=knobs.top_p if plan.use_top_p else None, exclude_id=knobs.mask_id)
+            return cand.at[:, :n].set(c), conf.at[:, :n].set(p)
+        return run
+
+    branch = jnp.searchsorted(jnp.asarray(sizes), jnp.max(jnp.sum(need, axis=1)))
+    cand, conf = jax.lax.switch(branch, [head(n) for n in sizes], rows, order)
+    return jnp.take_along_axis(cand, back, axis=1), jnp.where(need, jnp.take_along_axis(conf, back, axis=1), -jnp.inf)
 
 
 def _step(model, loop: _Loop, rows: _Rows, knobs: _Knobs, plan: _Plan) -> _Loop:
@@ -110,17 +146,16 @@ def _step(model, loop: _Loop, rows: _Rows, knobs: _Knobs, plan: _Plan) -> _Loop:
     batch, length = loop.x.shape
     idx = loop.block[:, None] * size + jnp.arange(size, dtype=jnp.int32)  # (B, L_B) absolute positions
     tokens = jnp.take_along_axis(loop.x, idx, axis=1)
-    logits, cache = _forward_block(model, loop, idx, tokens, plan)
+    hidden, cache = _block_hidden(model, loop, idx, tokens, plan)
 
     active = ~loop.done
     decoding = active & ~loop.refresh
     undecided = (tokens == knobs.mask_id) & (idx >= rows.prompt_len[:, None])
-    keys = sampling.row_keys(knobs.key, jnp.arange(batch), loop.row_forwards)
-    cand, conf = sampling.propose(logits, keys, temperature=knobs.temperature, greedy=plan.greedy,
-                                  top_k=plan.top_k, top_p=knobs.top_p if plan.use_top_p else None,
-                                  exclude_id=knobs.mask_id)
+    need = undecided & decoding[:, None]
+    key_of = functools.partial(sampling.position_keys, knobs.key, jnp.arange(batch), loop.row_forwards)
+    cand, conf = _propose_masked(model, hidden, need, knobs, plan, key_of)
     quota = knobs.quota[jnp.minimum(loop.step, size - 1)]
-    take = sampling.accept(conf, undecided & decoding[:, None], quota, knobs.threshold)
+    take = sampling.accept(conf, need, quota, knobs.threshold)
     x = loop.x.at[jnp.arange(batch)[:, None], idx].set(jnp.where(take, cand, tokens))
 
     complete = decoding & ~jnp.any(undecided & ~take, axis=-1)

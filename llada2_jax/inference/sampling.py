@@ -40,9 +40,10 @@ def filter_logits(logits, top_k: int | None, top_p):
 
 def propose(logits, keys, *, temperature, greedy: bool, top_k: int | None = None, top_p=None,
             exclude_id=None):
-    """Candidate tokens and confidences for logits (B, T, V); keys: one PRNG key per row (B,).
+    """Candidate tokens and confidences for logits (B, T, V); keys: one PRNG key per position (B, T).
 
-    Returns (tokens int32 (B, T), confidence float32 (B, T)).
+    One key per position, so a position's draw does not depend on which other positions are
+    proposed with it. Returns (tokens int32 (B, T), confidence float32 (B, T)).
     """
     logits = logits.astype(jnp.float32)
     if exclude_id is not None:
@@ -50,7 +51,7 @@ def propose(logits, keys, *, temperature, greedy: bool, top_k: int | None = None
     if greedy:
         return _greedy(logits)
     logits = filter_logits(logits / temperature, top_k, top_p)
-    tokens = jax.vmap(lambda k, row: jax.random.categorical(k, row, axis=-1))(keys, logits)
+    tokens = jax.vmap(jax.vmap(lambda k, row: jax.random.categorical(k, row)))(keys, logits)
     logp = jax.nn.log_softmax(logits, axis=-1)
     conf = jnp.exp(jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0])
     return tokens.astype(jnp.int32), conf
@@ -90,3 +91,9 @@ def accept(conf, masked, quota, threshold):
 def row_keys(key, row_ids, counters):
     """One key per row from (row id, per-row counter), so a row's stream ignores the other rows."""
     return jax.vmap(lambda r, n: jax.random.fold_in(jax.random.fold_in(key, r), n))(row_ids, counters)
+
+
+def position_keys(key, row_ids, counters, positions):
+    """Keys (B, T) for positions (B, T) of each row: `row_keys` folded with the position."""
+    rows = row_keys(key, row_ids, counters)
+    return jax.vmap(lambda k, pos: jax.vmap(lambda p: jax.random.fold_in(k, p))(pos))(rows, positions)
