@@ -69,10 +69,12 @@ def test_dispatch_gmm_validates_and_runs():
         dispatch.grouped_matmul(x, w, gs[:3])
 
 
-@pytest.mark.parametrize("block_m", [1, 3, 16, 64])
-def test_xla_tiled_traced_group_sizes(block_m):
+@pytest.mark.parametrize("block_m,capacity_factor", [(1, 1.25), (3, 0.0), (16, 0.5), (64, 1.25), (8, 8.0)])
+def test_xla_tiled_traced_group_sizes(block_m, capacity_factor):
     """Group sizes as a traced jit argument (as in the model), random sizes with empty groups and
-    groups spanning several tiles, tiles bigger than whole groups: forward and grads vs ragged_dot."""
+    groups spanning several tiles, tiles bigger than whole groups; every row in the tile loop
+    (capacity 0), most rows overflowing small slabs, and slabs holding every group: forward and
+    grads vs ragged_dot."""
     rng = np.random.default_rng(block_m)
     sizes = rng.multinomial(50, rng.dirichlet(np.full(7, 0.5))).astype(np.int32)  # 50 of 57 rows grouped
     x, w, dy = _inputs(jnp.float32, m=57, k=12, n=20)
@@ -83,7 +85,8 @@ def test_xla_tiled_traced_group_sizes(block_m):
         out, vjp = jax.vjp(lambda x, w: f(x, w, gs), x, w)
         return (out, *vjp(dy))
 
-    got = run(functools.partial(xla_tiled.grouped_matmul, block_m=block_m), x, w, jnp.asarray(sizes))
+    gmm = functools.partial(xla_tiled.grouped_matmul, block_m=block_m, capacity_factor=capacity_factor)
+    got = run(gmm, x, w, jnp.asarray(sizes))
     want = run(_reference, x, w, jnp.asarray(sizes))
     for name, g, r in zip(("out", "dx", "dw"), got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-4, err_msg=name)

@@ -1,16 +1,22 @@
-"""Grouped matmul in plain XLA for CPU: a loop over row tiles, one (block_m, K) x (K, N) matmul each.
+"""Grouped matmul in plain XLA for CPU: per-group capacity slabs in one batched matmul, plus a loop
+over row tiles for the rows that overflow them.
 
 Why: `jax.lax.ragged_dot` on CPU (jax 0.10) is several times slower than running every expert
-densely (bench/moe.py), so dropless MoE on CPU needs another lowering. Each group is cut into
-row tiles of block_m (its last tile overlaps the next group's rows, which are masked out); a
-`fori_loop` visits only the tiles that exist, reading the group's weight in place, so work is
-about (M + E * block_m / 2) * K * N and every step's operands stay in cache (a batched einsum
-over all tiles with gathered weights was 2-3x slower). Own backward: dx by the same loop with
-the transposed weights, dw accumulated per tile. Rows past sum(group_sizes) give 0.
+densely (bench/moe.py), so dropless MoE on CPU needs another lowering.
+- Slabs: the first C rows of every group (C = capacity_factor x the mean group size, a multiple
+  of 8) are gathered into an (E, C, K) slab and multiplied by all E weights in one batched einsum,
+  which XLA runs on every core; short groups leave zero rows.
+- Overflow: rows past C in a group are cut into row tiles of block_m (a group's last tile overlaps
+  the next group's rows, which are masked out of the write); a `fori_loop` visits only the tiles
+  that exist, reading the group's weight in place, one (block_m, K) x (K, N) matmul each.
+Every row movement is a gather, in both directions. Own backward: dx and dw from the same slab
+layout (batched einsums) plus the same loop. Rows past sum(group_sizes) give 0.
+capacity_factor = 0 runs every row through the loop.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -18,13 +24,27 @@ import jax.numpy as jnp
 
 from kernels_pallas.grouped_matmul.shapes import check_shapes
 
-DEFAULT_BLOCK_M = 32  # best of 32 / 64 / 128 for E = 64, K = 256, N = 128 on the 2-core CPU
+DEFAULT_BLOCK_M = 32  # best of 16 / 32 / 64 for E = 64, K = 256, N = 128 on the 2-core CPU
+# best of 1.0 / 1.25 / 1.5 at E = 64, k = 8, 512 and 2048 tokens (bench/moe.py sizes), same run
+DEFAULT_CAPACITY_FACTOR = 1.25
 
 
-def grouped_matmul(x, w, group_sizes, *, block_m: int = DEFAULT_BLOCK_M, preferred_element_type=jnp.float32):
+def grouped_matmul(x, w, group_sizes, *, block_m: int = DEFAULT_BLOCK_M,
+                   capacity_factor: float = DEFAULT_CAPACITY_FACTOR, preferred_element_type=jnp.float32):
     """(M, K) rows sorted by group x (E, K, N) -> (M, N) in preferred_element_type."""
     check_shapes(x, w, group_sizes)
-    return _gmm(x, w, group_sizes.astype(jnp.int32), block_m, jnp.dtype(preferred_element_type))
+    if capacity_factor < 0:
+        raise ValueError(f"capacity_factor={capacity_factor} must be >= 0 (0 = no slabs, every row in the tile loop)")
+    capacity = slab_capacity(x.shape[0], w.shape[0], capacity_factor)
+    return _gmm(x, w, group_sizes.astype(jnp.int32), block_m, capacity, jnp.dtype(preferred_element_type))
+
+
+def slab_capacity(m: int, groups: int, capacity_factor: float) -> int:
+    """Slab rows per group: capacity_factor x the mean group size, rounded up to a multiple of 8, at most m."""
+    if capacity_factor == 0:
+        return 0
+    round8 = lambda n: -(-n // 8) * 8
+    return min(round8(math.ceil(m * capacity_factor / groups)), round8(m))
 
 
 class _Tiles(NamedTuple):
@@ -34,16 +54,36 @@ class _Tiles(NamedTuple):
     count: jax.Array  # () tiles that exist; entries past it are never visited
 
 
-def _tiles(group_sizes, m: int, block_m: int) -> _Tiles:
-    e = group_sizes.shape[0]
-    ends = jnp.cumsum(group_sizes)
-    per_group = -(-group_sizes // block_m)
+class _Layout(NamedTuple):
+    slab_rows: jax.Array  # (E, C) row of x in each slab slot; M (a zero row of the padded x) for empty slots
+    slab_index: jax.Array  # (M,) flat slab slot of each row; E * C (a zero row) for rows outside the slabs
+    tiles: _Tiles  # the rows past C of each group
+
+
+def _tiles(starts, sizes, m: int, block_m: int) -> _Tiles:
+    """Row tiles of block_m over each group's rows [starts[g], starts[g] + sizes[g])."""
+    e = sizes.shape[0]
+    per_group = -(-sizes // block_m)
     tile_ends = jnp.cumsum(per_group)
     index = jnp.arange(-(-m // block_m) + e, dtype=jnp.int32)  # static bound on the tile count
     group = jnp.minimum(jnp.searchsorted(tile_ends, index, side="right"), e - 1)
-    first_tile = tile_ends[group] - per_group[group]
-    start = ends[group] - group_sizes[group] + (index - first_tile) * block_m
-    return _Tiles(start, group, ends[group], tile_ends[-1])
+    start = starts[group] + (index - tile_ends[group] + per_group[group]) * block_m
+    return _Tiles(start, group, starts[group] + sizes[group], tile_ends[-1])
+
+
+def _layout(group_sizes, m: int, capacity: int, block_m: int) -> _Layout:
+    e = group_sizes.shape[0]
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    col = jnp.arange(capacity, dtype=jnp.int32)
+    slab_rows = jnp.where(col < group_sizes[:, None], starts[:, None] + col, m)
+    row = jnp.arange(m, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(ends, row, side="right"), e - 1)
+    offset = row - starts[group]
+    in_slab = (offset < capacity) & (row < ends[-1])
+    slab_index = jnp.where(in_slab, group * capacity + offset, e * capacity)
+    tiles = _tiles(starts + capacity, jnp.maximum(group_sizes - capacity, 0), m, block_m)
+    return _Layout(slab_rows, slab_index, tiles)
 
 
 def _tile_loop(tiles: _Tiles, block_m: int, body, carry):
@@ -66,27 +106,38 @@ def _write_rows(a, start, mask, value):
     return jax.lax.dynamic_update_slice_in_dim(a, jnp.where(mask, value, _rows(a, start, mask.shape[0])), start, 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm(x, w, group_sizes, block_m, out_dtype):
-    return _gmm_fwd(x, w, group_sizes, block_m, out_dtype)[0]
+def _unslab(slab, layout: _Layout, block_m: int):
+    """(E, C, N) slab -> (M + block_m, N) rows (zero outside the slabs and in the padding)."""
+    e, c, n = slab.shape
+    rows = jnp.concatenate([slab.reshape(e * c, n), jnp.zeros((1, n), slab.dtype)])[layout.slab_index]
+    return jnp.pad(rows, ((0, block_m), (0, 0)))
 
 
-def _gmm_fwd(x, w, group_sizes, block_m, out_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm(x, w, group_sizes, block_m, capacity, out_dtype):
+    return _gmm_fwd(x, w, group_sizes, block_m, capacity, out_dtype)[0]
+
+
+def _gmm_fwd(x, w, group_sizes, block_m, capacity, out_dtype):
     m = x.shape[0]
-    tiles = _tiles(group_sizes, m, block_m)
-    xp = jnp.pad(x, ((0, block_m), (0, 0)))  # slices starting near M are never clamped
+    layout = _layout(group_sizes, m, capacity, block_m)
+    xp = jnp.pad(x, ((0, block_m), (0, 0)))  # slices starting near M are never clamped; row M is the zero row
+    y = _unslab(jnp.einsum("eck,ekn->ecn", xp[layout.slab_rows], w, preferred_element_type=out_dtype), layout, block_m)
 
     def body(start, g, mask, y):
         return _write_rows(y, start, mask, jnp.dot(_rows(xp, start, block_m), w[g], preferred_element_type=out_dtype))
 
-    y = _tile_loop(tiles, block_m, body, jnp.zeros((m + block_m, w.shape[2]), out_dtype))
-    return y[:m], (xp, w, tiles)
+    y = _tile_loop(layout.tiles, block_m, body, y)
+    return y[:m], (xp, w, layout)
 
 
-def _gmm_bwd(block_m, out_dtype, res, dy):
-    xp, w, tiles = res  # the padded rows and the tile list of the forward
+def _gmm_bwd(block_m, capacity, out_dtype, res, dy):
+    xp, w, layout = res  # the padded rows and the layout of the forward
     m, acc = dy.shape[0], jnp.float32
     dyp = jnp.pad(dy, ((0, block_m), (0, 0)))
+    x_slab, dy_slab = xp[layout.slab_rows], dyp[layout.slab_rows].astype(w.dtype)
+    dx = _unslab(jnp.einsum("ecn,ekn->eck", dy_slab, w, preferred_element_type=acc), layout, block_m)
+    dw = jnp.einsum("eck,ecn->ekn", x_slab, dy_slab, preferred_element_type=acc)
 
     def body(start, g, mask, carry):
         dx, dw = carry
@@ -95,7 +146,7 @@ def _gmm_bwd(block_m, out_dtype, res, dy):
         dw = dw.at[g].add(jnp.dot(_rows(xp, start, block_m).T, dy_rows, preferred_element_type=acc))
         return dx, dw
 
-    dx, dw = _tile_loop(tiles, block_m, body, (jnp.zeros((m + block_m, xp.shape[1]), acc), jnp.zeros(w.shape, acc)))
+    dx, dw = _tile_loop(layout.tiles, block_m, body, (dx, dw))
     return dx[:m].astype(xp.dtype), dw.astype(w.dtype), None
 
 
