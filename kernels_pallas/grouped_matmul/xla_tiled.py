@@ -3,9 +3,10 @@ over row tiles for the rows that overflow them.
 
 Why: `jax.lax.ragged_dot` on CPU (jax 0.10) is several times slower than running every expert
 densely (bench/moe.py), so dropless MoE on CPU needs another lowering.
-- Slabs: the first C rows of every group (C = capacity_factor x the mean group size, a multiple
-  of 8) are gathered into an (E, C, K) slab and multiplied by all E weights in one batched einsum,
-  which XLA runs on every core; short groups leave zero rows.
+- Slabs: the first C rows of every group are gathered into an (E, C, K) slab and multiplied by
+  all E weights in one batched einsum, which XLA runs on every core; short groups leave zero rows.
+  C = f*mean + 2*sqrt(f*mean), a multiple of 8 (mean = M / E, f = capacity_factor): with balanced
+  routing a group's size spreads by about sqrt(mean), so few rows overflow.
 - Overflow: rows past C in a group are cut into row tiles of block_m (a group's last tile overlaps
   the next group's rows, which are masked out of the write); a `fori_loop` visits only the tiles
   that exist, reading the group's weight in place, one (block_m, K) x (K, N) matmul each.
@@ -25,8 +26,7 @@ import jax.numpy as jnp
 from kernels_pallas.grouped_matmul.shapes import check_shapes
 
 DEFAULT_BLOCK_M = 32  # best of 16 / 32 / 64 for E = 64, K = 256, N = 128 on the 2-core CPU
-# best of 1.0 / 1.25 / 1.5 at E = 64, k = 8, 512 and 2048 tokens (bench/moe.py sizes), same run
-DEFAULT_CAPACITY_FACTOR = 1.25
+DEFAULT_CAPACITY_FACTOR = 1.0  # f*mean alone of 1.0 / 1.25 / 1.5: 1.25 best at 512 tokens, 1.0 at 2048-8192
 
 
 def grouped_matmul(x, w, group_sizes, *, block_m: int = DEFAULT_BLOCK_M,
@@ -40,11 +40,12 @@ def grouped_matmul(x, w, group_sizes, *, block_m: int = DEFAULT_BLOCK_M,
 
 
 def slab_capacity(m: int, groups: int, capacity_factor: float) -> int:
-    """Slab rows per group: capacity_factor x the mean group size, rounded up to a multiple of 8, at most m."""
+    """Slab rows per group: f*mean + 2*sqrt(f*mean), rounded up to a multiple of 8, at most m."""
     if capacity_factor == 0:
         return 0
+    rows = capacity_factor * m / groups
     round8 = lambda n: -(-n // 8) * 8
-    return min(round8(math.ceil(m * capacity_factor / groups)), round8(m))
+    return min(round8(math.ceil(rows + 2 * math.sqrt(rows))), round8(m))
 
 
 class _Tiles(NamedTuple):

@@ -12,7 +12,8 @@ def grouped_matmul(x, w, group_sizes, impl: str = "xla", *, interpret: bool | No
     """Rows of x (M, K) are sorted by group; group g multiplies w[g] (K, N). Returns (M, N).
 
     Rows beyond sum(group_sizes) produce zeros. "xla" is `jax.lax.ragged_dot` (the reference);
-    "xla_tiled" loops over the row tiles of each group (ragged_dot is slower than dense on CPU);
+    "xla_tiled" multiplies per-group capacity slabs in one batched einsum and loops over row tiles
+    for the overflow (the CPU choice: ragged_dot is slower than dense on CPU);
     "pallas" is the TPU megablox / GPU Pallas kernel; "auto" picks per backend. group_sizes may be
     any integer sequence; a concrete one summing past M is an error.
     """
