@@ -21,6 +21,8 @@ finished row writes into later slots is always overwritten before any query can 
 a block's queries only see slots up to their own block's end and every forward writes all slots
 of the block it feeds (writes past the window are dropped; only finished rows make them).
 
+Both paths run the output head only on the block rows that are still masked (`_propose_masked`).
+
 Uncached path: every step runs the model on the canvas prefix x[:, :W] with the block-causal mask,
 W = (max current block of the unfinished rows + 1) · L_B — the exact prefix of a single-prompt
 run, so its window changes once per block.
