@@ -352,6 +352,10 @@ def test_sampling_is_reproducible_and_top_k_one_is_greedy():
     a = generate(model, [PROMPT], temperature=1.5, top_p=0.9, rng=jax.random.PRNGKey(5), **kw)
     b = generate(model, [PROMPT], temperature=1.5, top_p=0.9, rng=jax.random.PRNGKey(5), **kw)
     assert a.tokens == b.tokens and MASK not in a.tokens[0]
+    # the cache changes no draw: keys come from (row, block, step, position), not the forward count
+    uncached = generate(model, [PROMPT], temperature=1.5, top_p=0.9, rng=jax.random.PRNGKey(5), use_cache=False, **kw)
+    assert uncached.tokens == a.tokens
+    assert a.tokens != generate(model, [PROMPT], temperature=1.5, top_p=0.9, rng=jax.random.PRNGKey(6), **kw).tokens
 
 
 _SHARDED = textwrap.dedent("""

@@ -154,7 +154,8 @@ def _step(model, loop: _Loop, rows: _Rows, knobs: _Knobs, plan: _Plan) -> _Loop:
     decoding = active & ~loop.refresh
     undecided = (tokens == knobs.mask_id) & (idx >= rows.prompt_len[:, None])
     need = undecided & decoding[:, None]
-    key_of = functools.partial(sampling.position_keys, knobs.key, jnp.arange(batch), loop.row_forwards)
+    # keys from (row, block, step, position): the cached and uncached paths draw the same numbers
+    key_of = functools.partial(sampling.position_keys, knobs.key, jnp.arange(batch), loop.block * size + loop.step)
     cand, conf = _propose_masked(model, hidden, need, knobs, plan, key_of)
     quota = knobs.quota[jnp.minimum(loop.step, size - 1)]
     take = sampling.accept(conf, need, quota, knobs.threshold)
@@ -269,8 +270,8 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     step; steps is clamped to min(steps, gen_length, block_size) as in HF). `[MASK]` is never
     proposed. A row stops after the block in which it produced EOS, or after gen_length tokens
     (eos_id=None: no EOS stop). mask_id defaults to model.config.mask_token_id. With
-    temperature > 0 a row's random stream depends on its index in the batch; greedy rows equal
-    single-prompt runs.
+    temperature > 0 a draw depends on (rng, row index in the batch, block, step, position), so
+    use_cache changes no token; greedy rows equal single-prompt runs.
     """
     arrays = check_prompts(prompts, model.config.vocab_size, allow_empty=True)
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
