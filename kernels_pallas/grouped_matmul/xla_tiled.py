@@ -57,7 +57,7 @@ class _Tiles(NamedTuple):
 
 class _Layout(NamedTuple):
     slab_rows: jax.Array  # (E, C) row of x in each slab slot; M (a zero row of the padded x) for empty slots
-    slab_index: jax.Array  # (M,) flat slab slot of each row; E * C (a zero row) for rows outside the slabs
+    slab_index: jax.Array  # (M + block_m,) flat slab slot of each padded row; E * C (a zero row) outside the slabs
     tiles: _Tiles  # the rows past C of each group
 
 
@@ -78,7 +78,7 @@ def _layout(group_sizes, m: int, capacity: int, block_m: int) -> _Layout:
     starts = ends - group_sizes
     col = jnp.arange(capacity, dtype=jnp.int32)
     slab_rows = jnp.where(col < group_sizes[:, None], starts[:, None] + col, m)
-    row = jnp.arange(m, dtype=jnp.int32)
+    row = jnp.arange(m + block_m, dtype=jnp.int32)  # the padded rows, so the gather needs no pad after it
     group = jnp.minimum(jnp.searchsorted(ends, row, side="right"), e - 1)
     offset = row - starts[group]
     in_slab = (offset < capacity) & (row < ends[-1])
@@ -107,11 +107,10 @@ def _write_rows(a, start, mask, value):
     return jax.lax.dynamic_update_slice_in_dim(a, jnp.where(mask, value, _rows(a, start, mask.shape[0])), start, 0)
 
 
-def _unslab(slab, layout: _Layout, block_m: int):
+def _unslab(slab, layout: _Layout):
     """(E, C, N) slab -> (M + block_m, N) rows (zero outside the slabs and in the padding)."""
     e, c, n = slab.shape
-    rows = jnp.concatenate([slab.reshape(e * c, n), jnp.zeros((1, n), slab.dtype)])[layout.slab_index]
-    return jnp.pad(rows, ((0, block_m), (0, 0)))
+    return jnp.concatenate([slab.reshape(e * c, n), jnp.zeros((1, n), slab.dtype)])[layout.slab_index]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -123,7 +122,7 @@ def _gmm_fwd(x, w, group_sizes, block_m, capacity, out_dtype):
     m = x.shape[0]
     layout = _layout(group_sizes, m, capacity, block_m)
     xp = jnp.pad(x, ((0, block_m), (0, 0)))  # slices starting near M are never clamped; row M is the zero row
-    y = _unslab(jnp.einsum("eck,ekn->ecn", xp[layout.slab_rows], w, preferred_element_type=out_dtype), layout, block_m)
+    y = _unslab(jnp.einsum("eck,ekn->ecn", xp[layout.slab_rows], w, preferred_element_type=out_dtype), layout)
 
     def body(start, g, mask, y):
         return _write_rows(y, start, mask, jnp.dot(_rows(xp, start, block_m), w[g], preferred_element_type=out_dtype))
@@ -136,8 +135,9 @@ def _gmm_bwd(block_m, capacity, out_dtype, res, dy):
     xp, w, layout = res  # the padded rows and the layout of the forward
     m, acc = dy.shape[0], jnp.float32
     dyp = jnp.pad(dy, ((0, block_m), (0, 0)))
+    # x's slab is gathered again rather than kept from the forward: an (E, C, K) residual per matmul
     x_slab, dy_slab = xp[layout.slab_rows], dyp[layout.slab_rows].astype(w.dtype)
-    dx = _unslab(jnp.einsum("ecn,ekn->eck", dy_slab, w, preferred_element_type=acc), layout, block_m)
+    dx = _unslab(jnp.einsum("ecn,ekn->eck", dy_slab, w, preferred_element_type=acc), layout)
     dw = jnp.einsum("eck,ecn->ekn", x_slab, dy_slab, preferred_element_type=acc)
 
     def body(start, g, mask, carry):
