@@ -5,8 +5,10 @@
     python bench/decode.py --smollm2               # SmolLM2-135M size (slow)
     python bench/decode.py --write-notes BUILD_NOTES.md   # also write the table into the notes
 
-One prompt per call (batch 1), greedy. Each configuration is run once to compile, then timed
---repeats times and the fastest run is reported (the CI box is shared), so compilation is
+One prompt per call (batch 1), greedy. Each configuration is first run with threshold 0 (without
+EOS stop every block then takes one step: the same windows, so the same compilations, at a
+fraction of the cost), then
+timed --repeats times and the fastest run is reported (the CI box is shared), so compilation is
 excluded. By default rows never stop at EOS (eos_id = the mask id, which is never committed), so
 every run generates exactly gen_length tokens and the lengths are comparable; --stop-at-eos uses
 the tokenizer's EOS instead. Random weights are not confident, so their TPF says nothing about a
@@ -15,6 +17,8 @@ trained model: read tokens/s there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import itertools
 import os
 import pathlib
@@ -47,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-lengths", default="32,128,256")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--stop-at-eos", action="store_true")
+    p.add_argument("--max-positions", type=int,
+                   help="raise the model's max_position_embeddings (timing only: e.g. gen 512 on the tiny_wsd "
+                        "checkpoint, trained at 512 positions; RoPE without scaling has no position table)")
     p.add_argument("--write-notes", help="write the table into this markdown file (between bench-decode markers)")
     return p.parse_args(argv)
 
@@ -69,14 +76,19 @@ def load(args):
     return model, prompt, TINY_WSD.mask_token_id, TINY_WSD.eos_token_id, "random weights, tiny_wsd size"
 
 
-def timed(fn, repeats):
-    fn()  # compile
+def timed(fn, repeats, warmup=None):
+    (warmup or fn)()  # compile
     return min((fn() for _ in range(repeats)), key=lambda r: r.wall_time)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     model, longest, mask_id, eos_id, name = load(args)
+    if args.max_positions:
+        if model.config.rope_scaling_dict:
+            raise ValueError("--max-positions would change this model's RoPE scaling")
+        model.config = dataclasses.replace(model.config, max_position_embeddings=args.max_positions)
+        name += f", max positions raised to {args.max_positions}"
     stop = eos_id if args.stop_at_eos else None
     rows = []
     for plen, gen in itertools.product((int(n) for n in args.prompt_lengths.split(",")),
@@ -87,9 +99,10 @@ def main(argv=None) -> int:
             continue
         for thr in (float(t) for t in args.thresholds.split(",")):
             for cached in (True, False):
-                res = timed(lambda: generate(model, [prompt], gen_length=gen, block_size=args.block_size,
-                                             threshold=thr, mask_id=mask_id, eos_id=mask_id if stop is None else stop,
-                                             use_cache=cached), args.repeats)
+                run = functools.partial(generate, model, [prompt], gen_length=gen, block_size=args.block_size,
+                                        mask_id=mask_id, eos_id=mask_id if stop is None else stop, use_cache=cached)
+                res = timed(lambda: run(threshold=thr), args.repeats, 
+                            warmup=None if stop is not None else lambda: run(threshold=0.0))
                 rows.append((plen, gen, "cached" if cached else "uncached", f"{thr:g}", res))
                 print(f"  {rows[-1][:4]} tpf={res.tpf:.2f} tok/s={res.tokens_per_sec:.1f}", file=sys.stderr, flush=True)
         res = timed(lambda: generate_ar(model, [prompt], max_new_tokens=gen, eos_id=stop), args.repeats)
