@@ -7,9 +7,8 @@
 
 One prompt per call (batch 1), greedy. Each configuration is first run with threshold 0 (without
 EOS stop every block then takes one step: the same windows, so the same compilations, at a
-fraction of the cost), then
-timed --repeats times and the fastest run is reported (the CI box is shared), so compilation is
-excluded. By default rows never stop at EOS (eos_id = the mask id, which is never committed), so
+fraction of the cost), then timed --repeats times and the fastest run is reported (the CI box is
+shared), so compilation is excluded. By default rows never stop at EOS (eos_id = the mask id, which is never committed), so
 every run generates exactly gen_length tokens and the lengths are comparable; --stop-at-eos uses
 the tokenizer's EOS instead. Random weights are not confident, so their TPF says nothing about a
 trained model: read tokens/s there.
@@ -17,7 +16,6 @@ trained model: read tokens/s there.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import itertools
 import os
@@ -87,7 +85,7 @@ def main(argv=None) -> int:
     if args.max_positions:
         if model.config.rope_scaling_dict:
             raise ValueError("--max-positions would change this model's RoPE scaling")
-        model.config = dataclasses.replace(model.config, max_position_embeddings=args.max_positions)
+        model.config = model.config.replace(max_position_embeddings=args.max_positions)
         name += f", max positions raised to {args.max_positions}"
     stop = eos_id if args.stop_at_eos else None
     rows = []
@@ -101,8 +99,8 @@ def main(argv=None) -> int:
             for cached in (True, False):
                 run = functools.partial(generate, model, [prompt], gen_length=gen, block_size=args.block_size,
                                         mask_id=mask_id, eos_id=mask_id if stop is None else stop, use_cache=cached)
-                res = timed(lambda: run(threshold=thr), args.repeats, 
-                            warmup=None if stop is not None else lambda: run(threshold=0.0))
+                warmup = functools.partial(run, threshold=0.0) if stop is None else None
+                res = timed(functools.partial(run, threshold=thr), args.repeats, warmup)
                 rows.append((plen, gen, "cached" if cached else "uncached", f"{thr:g}", res))
                 print(f"  {rows[-1][:4]} tpf={res.tpf:.2f} tok/s={res.tokens_per_sec:.1f}", file=sys.stderr, flush=True)
         res = timed(lambda: generate_ar(model, [prompt], max_new_tokens=gen, eos_id=stop), args.repeats)
