@@ -151,10 +151,11 @@ def test_head_runs_only_on_masked_rows_and_matches_the_full_block(greedy):
     need[1, [1, 6]] = True  # two scattered rows
     need[2, rng.permutation(L)[:5]] = True  # five: the next size up
     # row 3: nothing needed (a refresh forward)
-    knobs = decode._Knobs(None, None, jnp.float32(0.8), jnp.float32(0.9), jnp.int32(MASK), None, jax.random.PRNGKey(3))
+    knobs = decode._Knobs(None, None, jnp.float32(0.8), jnp.float32(0.9), jnp.int32(MASK), None,
+                          decode.sampling.batch_keys(jax.random.PRNGKey(3), 4))
     plan = decode._Plan(block_size=L, prefill_len=0, window=0, cached=True, greedy=greedy, top_k=None,
                         use_top_p=not greedy)
-    key_of = functools.partial(decode.sampling.position_keys, knobs.key, jnp.arange(4), jnp.asarray([0, 3, 1, 2]))
+    key_of = functools.partial(decode.sampling.position_keys, knobs.key, jnp.asarray([0, 3, 1, 2]))
     cand, conf = jax.jit(lambda h, n: decode._propose_masked(model, h, n, knobs, plan, key_of))(hidden, jnp.asarray(need))
     want_cand, want_conf = decode.sampling.propose(
         model.logits_from_hidden(hidden), key_of(jnp.broadcast_to(jnp.arange(L), (4, L))),
@@ -186,6 +187,23 @@ def test_batch_equals_single_runs():
     assert batch.row_forwards == [s.forwards for s in singles]
     # one shared prefill, then the slowest row's steps and refreshes
     assert batch.forwards == 1 + max(s.forwards - (len(p) >= L) for s, p in zip(singles, prompts))
+
+
+def test_sampled_rows_with_their_own_keys_equal_single_runs():
+    model = confident_model(0)
+    prompts = [PROMPT[:3], PROMPT, PROMPT + [7] * 9]
+    kw = dict(gen_length=24, block_size=L, threshold=0.9, mask_id=MASK, eos_id=None, temperature=1.5, top_p=0.95)
+    keys = jax.random.split(jax.random.PRNGKey(11), 3)
+    batch = generate(model, prompts, rng=keys, **kw)
+    assert batch.tokens == [generate(model, [p], rng=keys[i:i + 1], **kw).tokens[0] for i, p in enumerate(prompts)]
+    typed = jax.random.split(jax.random.key(11), 3)  # new-style keys work the same way
+    assert generate(model, prompts, rng=typed, **kw).tokens == [
+        generate(model, [p], rng=typed[i:i + 1], **kw).tokens[0] for i, p in enumerate(prompts)]
+    # one key for the batch: rows draw from different streams, so equal prompts sample differently
+    same = generate(model, [PROMPT, PROMPT], rng=jax.random.PRNGKey(11), **kw).tokens
+    assert same[0] != same[1]
+    with pytest.raises(ValueError, match=r"rng has shape \(2, 2\).*3 prompts"):
+        generate(model, prompts, rng=keys[:2], **kw)
 
 
 def test_batch_rows_stop_independently():

@@ -39,7 +39,7 @@ class _Knobs(NamedTuple):
     temperature: jax.Array
     top_p: jax.Array
     eos_id: jax.Array  # -1 = no early stop
-    key: jax.Array
+    key: jax.Array  # (B,) base keys, see sampling.batch_keys
 
 
 class _Loop(NamedTuple):
@@ -52,7 +52,7 @@ class _Loop(NamedTuple):
 
 
 def _next_tokens(logits, loop_count, knobs: _Knobs, plan: _Plan):
-    keys = sampling.row_keys(knobs.key, jnp.arange(logits.shape[0]), loop_count)
+    keys = sampling.row_keys(knobs.key, loop_count)
     tokens, _ = sampling.propose(logits, keys[:, None], temperature=knobs.temperature, greedy=plan.greedy, top_k=plan.top_k,
                                  top_p=knobs.top_p if plan.use_top_p else None)
     return tokens[:, 0]
@@ -94,7 +94,8 @@ def generate_ar(model, prompts, *, max_new_tokens: int, temperature: float = 0.0
     """Greedy (temperature 0) or filtered-sampling next-token decoding of a batch of prompts.
 
     forwards = the prefill (which yields the first token) + one per further token; a row stops at
-    EOS or after max_new_tokens. Greedy rows equal single-prompt runs.
+    EOS or after max_new_tokens. Greedy rows equal single-prompt runs; sampled rows do too when
+    rng holds one key per prompt (see `sampling.batch_keys`).
     """
     config = model.config
     arrays = check_prompts(prompts, config.vocab_size, allow_empty=False)
@@ -115,7 +116,7 @@ def generate_ar(model, prompts, *, max_new_tokens: int, temperature: float = 0.0
     plan = _Plan(prefill_len=bucket(int(prompt_len.max())), max_new_tokens=max_new_tokens,
                  greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None)
     knobs = _Knobs(jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p or 1.0),
-                   jnp.int32(-1 if eos_id is None else eos_id), jax.random.PRNGKey(0) if rng is None else rng)
+                   jnp.int32(-1 if eos_id is None else eos_id), sampling.batch_keys(rng, len(arrays)))
     graphdef, state = nnx.split(model)
 
     start = time.perf_counter()

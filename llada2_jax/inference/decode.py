@@ -71,7 +71,7 @@ class _Knobs(NamedTuple):
     top_p: jax.Array
     mask_id: jax.Array
     eos_id: jax.Array
-    key: jax.Array
+    key: jax.Array  # (B,) base keys, see sampling.batch_keys
 
 
 class _Loop(NamedTuple):
@@ -155,7 +155,7 @@ def _step(model, loop: _Loop, rows: _Rows, knobs: _Knobs, plan: _Plan) -> _Loop:
     undecided = (tokens == knobs.mask_id) & (idx >= rows.prompt_len[:, None])
     need = undecided & decoding[:, None]
     # keys from (row, block, step, position): the cached and uncached paths draw the same numbers
-    key_of = functools.partial(sampling.position_keys, knobs.key, jnp.arange(batch), loop.block * size + loop.step)
+    key_of = functools.partial(sampling.position_keys, knobs.key, loop.block * size + loop.step)
     cand, conf = _propose_masked(model, hidden, need, knobs, plan, key_of)
     quota = knobs.quota[jnp.minimum(loop.step, size - 1)]
     take = sampling.accept(conf, need, quota, knobs.threshold)
@@ -270,8 +270,9 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     step; steps is clamped to min(steps, gen_length, block_size) as in HF). `[MASK]` is never
     proposed. A row stops after the block in which it produced EOS, or after gen_length tokens
     (eos_id=None: no EOS stop). mask_id defaults to model.config.mask_token_id. With
-    temperature > 0 a draw depends on (rng, row index in the batch, block, step, position), so
-    use_cache changes no token; greedy rows equal single-prompt runs.
+    temperature > 0 a draw depends on (row key, block, step, position), so use_cache changes no
+    token; rng is one key (row b uses fold_in(rng, b)) or one key per prompt (then each row equals
+    running its prompt alone with its key). Greedy rows always equal single-prompt runs.
     """
     arrays = check_prompts(prompts, model.config.vocab_size, allow_empty=True)
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
@@ -296,7 +297,7 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
                  jnp.asarray(prompt_len + gen_length, jnp.int32))
     knobs = _Knobs(jnp.asarray(quota), jnp.float32(threshold), jnp.float32(max(temperature, 1e-6)),
                    jnp.float32(top_p or 1.0), jnp.int32(mask_id), jnp.int32(-1 if eos_id is None else eos_id),
-                   jax.random.PRNGKey(0) if rng is None else rng)
+                   sampling.batch_keys(rng, len(arrays)))
     graphdef, state = nnx.split(model)
 
     start = time.perf_counter()

@@ -88,12 +88,29 @@ def accept(conf, masked, quota, threshold):
     return jnp.where(enough[:, None], high, fallback)
 
 
-def row_keys(key, row_ids, counters):
-    """One key per row from (row id, per-row counter), so a row's stream ignores the other rows."""
-    return jax.vmap(lambda r, n: jax.random.fold_in(jax.random.fold_in(key, r), n))(row_ids, counters)
+def batch_keys(rng, batch: int):
+    """One base key per row: `rng` is None (key 0), one key, or one key per row.
+
+    With one key, row b draws from fold_in(rng, b), so two rows with the same prompt sample
+    differently; with one key per row, a row's draws depend only on its own key, so a row
+    reproduces running that prompt alone with the same key. Raw (uint32) and typed keys work.
+    """
+    rng = jax.random.PRNGKey(0) if rng is None else jnp.asarray(rng)
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    single = rng.ndim == (0 if typed else 1)
+    if single:
+        return jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(batch))
+    if rng.ndim != (1 if typed else 2) or rng.shape[0] != batch:
+        raise ValueError(f"rng has shape {rng.shape}: give one PRNG key or one per prompt ({batch} prompts)")
+    return rng
 
 
-def position_keys(key, row_ids, counters, positions):
+def row_keys(keys, counters):
+    """One key per row from its base key (see `batch_keys`) and a per-row counter."""
+    return jax.vmap(jax.random.fold_in)(keys, counters)
+
+
+def position_keys(keys, counters, positions):
     """Keys (B, T) for positions (B, T) of each row: `row_keys` folded with the position."""
-    rows = row_keys(key, row_ids, counters)
+    rows = row_keys(keys, counters)
     return jax.vmap(lambda k, pos: jax.vmap(lambda p: jax.random.fold_in(k, p))(pos))(rows, positions)
