@@ -57,6 +57,8 @@ def test_sampling_reproducible_and_top_k_one_is_greedy():
     a = generate_ar(model(), PROMPTS, max_new_tokens=8, temperature=1.0, eos_id=None, rng=jax.random.PRNGKey(7))
     b = generate_ar(model(), PROMPTS, max_new_tokens=8, temperature=1.0, eos_id=None, rng=jax.random.PRNGKey(7))
     assert a.tokens == b.tokens and a.tokens != greedy
+    assert a.tokens == [generate_ar(model(), [p], max_new_tokens=8, temperature=1.0, eos_id=None,
+                                    rng=jax.random.PRNGKey(7)).tokens[0] for p in PROMPTS]
     keys = jax.random.split(jax.random.PRNGKey(7), len(PROMPTS))  # one key per prompt: rows equal single runs
     rows = generate_ar(model(), PROMPTS, max_new_tokens=8, temperature=1.0, eos_id=None, rng=keys).tokens
     assert rows == [generate_ar(model(), [p], max_new_tokens=8, temperature=1.0, eos_id=None,

@@ -152,7 +152,7 @@ def test_head_runs_only_on_masked_rows_and_matches_the_full_block(greedy):
     need[2, rng.permutation(L)[:5]] = True  # five: the next size up
     # row 3: nothing needed (a refresh forward)
     knobs = decode._Knobs(None, None, jnp.float32(0.8), jnp.float32(0.9), jnp.int32(MASK), None,
-                          decode.sampling.batch_keys(jax.random.PRNGKey(3), 4))
+                          jax.random.split(jax.random.PRNGKey(3), 4))
     plan = decode._Plan(block_size=L, prefill_len=0, window=0, cached=True, greedy=greedy, top_k=None,
                         use_top_p=not greedy)
     key_of = functools.partial(decode.sampling.position_keys, knobs.key, jnp.asarray([0, 3, 1, 2]))
@@ -189,19 +189,22 @@ def test_batch_equals_single_runs():
     assert batch.forwards == 1 + max(s.forwards - (len(p) >= L) for s, p in zip(singles, prompts))
 
 
-def test_sampled_rows_with_their_own_keys_equal_single_runs():
+def test_sampled_rows_equal_single_runs():
     model = confident_model(0)
     prompts = [PROMPT[:3], PROMPT, PROMPT + [7] * 9]
     kw = dict(gen_length=24, block_size=L, threshold=0.9, mask_id=MASK, eos_id=None, temperature=1.5, top_p=0.95)
+    one = jax.random.PRNGKey(11)  # one key for the whole batch: each row equals its prompt run alone
+    singles = [generate(model, [p], rng=one, **kw).tokens[0] for p in prompts]
+    assert generate(model, prompts, rng=one, **kw).tokens == singles
+    # a repeated prompt gets a fresh stream per repeat; its first occurrence still equals a single run
+    repeated = generate(model, [PROMPT, PROMPT[:3], PROMPT], rng=one, **kw).tokens
+    assert repeated[:2] == [singles[1], singles[0]] and repeated[2] != repeated[0]
     keys = jax.random.split(jax.random.PRNGKey(11), 3)
     batch = generate(model, prompts, rng=keys, **kw)
     assert batch.tokens == [generate(model, [p], rng=keys[i:i + 1], **kw).tokens[0] for i, p in enumerate(prompts)]
     typed = jax.random.split(jax.random.key(11), 3)  # new-style keys work the same way
     assert generate(model, prompts, rng=typed, **kw).tokens == [
         generate(model, [p], rng=typed[i:i + 1], **kw).tokens[0] for i, p in enumerate(prompts)]
-    # one key for the batch: rows draw from different streams, so equal prompts sample differently
-    same = generate(model, [PROMPT, PROMPT], rng=jax.random.PRNGKey(11), **kw).tokens
-    assert same[0] != same[1]
     with pytest.raises(ValueError, match=r"rng has shape \(2, 2\).*3 prompts"):
         generate(model, prompts, rng=keys[:2], **kw)
 

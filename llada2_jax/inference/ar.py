@@ -94,8 +94,8 @@ def generate_ar(model, prompts, *, max_new_tokens: int, temperature: float = 0.0
     """Greedy (temperature 0) or filtered-sampling next-token decoding of a batch of prompts.
 
     forwards = the prefill (which yields the first token) + one per further token; a row stops at
-    EOS or after max_new_tokens. Greedy rows equal single-prompt runs; sampled rows do too when
-    rng holds one key per prompt (see `sampling.batch_keys`).
+    EOS or after max_new_tokens. Rows equal single-prompt runs with the same rng, sampled ones too
+    (`sampling.batch_keys`: one key, or one key per prompt).
     """
     config = model.config
     arrays = check_prompts(prompts, config.vocab_size, allow_empty=False)
@@ -116,7 +116,7 @@ def generate_ar(model, prompts, *, max_new_tokens: int, temperature: float = 0.0
     plan = _Plan(prefill_len=bucket(int(prompt_len.max())), max_new_tokens=max_new_tokens,
                  greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None)
     knobs = _Knobs(jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p or 1.0),
-                   jnp.int32(-1 if eos_id is None else eos_id), sampling.batch_keys(rng, len(arrays)))
+                   jnp.int32(-1 if eos_id is None else eos_id), sampling.batch_keys(rng, arrays))
     graphdef, state = nnx.split(model)
 
     start = time.perf_counter()

@@ -271,8 +271,9 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     proposed. A row stops after the block in which it produced EOS, or after gen_length tokens
     (eos_id=None: no EOS stop). mask_id defaults to model.config.mask_token_id. With
     temperature > 0 a draw depends on (row key, block, step, position), so use_cache changes no
-    token; rng is one key (row b uses fold_in(rng, b)) or one key per prompt (then each row equals
-    running its prompt alone with its key). Greedy rows always equal single-prompt runs.
+    token. rng is one key or one key per prompt (`sampling.batch_keys`); either way each row equals
+    running its prompt alone with the same key, and repeated prompts in one batch sample
+    differently. Greedy rows always equal single-prompt runs.
     """
     arrays = check_prompts(prompts, model.config.vocab_size, allow_empty=True)
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
@@ -297,7 +298,7 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
                  jnp.asarray(prompt_len + gen_length, jnp.int32))
     knobs = _Knobs(jnp.asarray(quota), jnp.float32(threshold), jnp.float32(max(temperature, 1e-6)),
                    jnp.float32(top_p or 1.0), jnp.int32(mask_id), jnp.int32(-1 if eos_id is None else eos_id),
-                   sampling.batch_keys(rng, len(arrays)))
+                   sampling.batch_keys(rng, arrays))
     graphdef, state = nnx.split(model)
 
     start = time.perf_counter()

@@ -8,6 +8,8 @@ never proposed. `accept` is the hybrid threshold / low-confidence-fallback rule.
 """
 from __future__ import annotations
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,20 +90,26 @@ def accept(conf, masked, quota, threshold):
     return jnp.where(enough[:, None], high, fallback)
 
 
-def batch_keys(rng, batch: int):
-    """One base key per row: `rng` is None (key 0), one key, or one key per row.
+def batch_keys(rng, prompts) -> jax.Array:
+    """One base key per prompt: `rng` is None (key 0), one key, or one key per prompt.
 
-    With one key, row b draws from fold_in(rng, b), so two rows with the same prompt sample
-    differently; with one key per row, a row's draws depend only on its own key, so a row
-    reproduces running that prompt alone with the same key. Raw (uint32) and typed keys work.
+    With one key, a row's key is fold_in(rng, n) where n counts the earlier rows holding the same
+    prompt: a prompt that appears once draws exactly what running it alone with `rng` draws, while
+    repeated prompts still sample differently (n = 0, 1, 2, ...). With one key per prompt, a row
+    depends only on its own key. Raw (uint32) and typed keys work.
     """
     rng = jax.random.PRNGKey(0) if rng is None else jnp.asarray(rng)
     typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    single = rng.ndim == (0 if typed else 1)
-    if single:
-        return jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(batch))
-    if rng.ndim != (1 if typed else 2) or rng.shape[0] != batch:
-        raise ValueError(f"rng has shape {rng.shape}: give one PRNG key or one per prompt ({batch} prompts)")
+    if rng.ndim == (0 if typed else 1):
+        seen = collections.Counter()
+        repeats = []
+        for prompt in prompts:
+            text = tuple(int(t) for t in prompt)
+            repeats.append(seen[text])
+            seen[text] += 1
+        return jax.vmap(lambda n: jax.random.fold_in(rng, n))(jnp.asarray(repeats, jnp.uint32))
+    if rng.ndim != (1 if typed else 2) or rng.shape[0] != len(prompts):
+        raise ValueError(f"rng has shape {rng.shape}: give one PRNG key or one per prompt ({len(prompts)} prompts)")
     return rng
 
 
