@@ -62,11 +62,10 @@ for impl in ("pallas", "xla_tiled"):
         e_gate_spec=list(got[1]["moe_layers"]["e_gate"].sharding.spec),
         # gmm rows per step: one source shard's n_local tokens x K assignments
         local_rows=f"f32[{n_local * K},{D}]" in hlo,
-        # (xla_tiled's slab matmuls, scope "gmm_slab", are skipped: their E_local x C rows are local rows
-        # that can equal B * T)
+        # (xla_tiled's slab einsums are skipped: their E_local x C rows are local rows that can equal B * T)
         full_rows=sum(line.count(f"f32[{B * T},{D}]") + line.count(f"f32[{B * T * K},{D}]")
                       + line.count(f"f32[{B},{T},{D}]") for line in hlo.splitlines()
-                      if "gmm_slab" not in line),
+                      if not re.search(r"ec[kn],e[kc][kn]->e[ck][kn]", line)),
         kernel_in_shard_map=hlo.count("shard_map/while/body"),
         # all-gathers of token rows or assignments: only the expert group's (2 x n_local rows)
         row_gathers=[s for s in re.findall(r"= f32\[([0-9,]*)\][^ ]* all-gather(?:-start)?\(", hlo)

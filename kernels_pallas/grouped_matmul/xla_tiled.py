@@ -4,14 +4,14 @@ over row tiles for the rows that overflow them.
 Why: `jax.lax.ragged_dot` on CPU (jax 0.10) is several times slower than running every expert
 densely (bench/moe.py), so dropless MoE on CPU needs another lowering.
 - Slabs: the first C rows of every group are gathered into an (E, C, K) slab and multiplied by
-  all E weights in one batched matmul, which XLA runs on every core; short groups leave zero rows.
+  all E weights in one batched einsum, which XLA runs on every core; short groups leave zero rows.
   C = f*mean + 2*sqrt(f*mean), a multiple of 8 (mean = M / E, f = capacity_factor): with balanced
   routing a group's size spreads by about sqrt(mean), so few rows overflow.
 - Overflow: rows past C in a group are cut into row tiles of block_m (a group's last tile overlaps
   the next group's rows, which are masked out of the write); a `fori_loop` visits only the tiles
   that exist, reading the group's weight in place, one (block_m, K) x (K, N) matmul each.
 Every row movement is a gather, in both directions. Own backward: dx and dw from the same slab
-layout (batched matmuls) plus the same loop. Rows past sum(group_sizes) give 0.
+layout (batched einsums) plus the same loop. Rows past sum(group_sizes) give 0.
 capacity_factor = 0 runs every row through the loop.
 """
 from __future__ import annotations
@@ -107,20 +107,6 @@ def _write_rows(a, start, mask, value):
     return jax.lax.dynamic_update_slice_in_dim(a, jnp.where(mask, value, _rows(a, start, mask.shape[0])), start, 0)
 
 
-def _slab_matmul(slab, w, w_contract: int, out_dtype):
-    """(E, C, K) slab x w (E, ., .) contracting K with w's dim `w_contract` -> (E, C, N).
-
-    The slab is handed over laid out (E, K, C): XLA CPU sends a batched matmul whose left operand
-    contracts its last dim to XNNPACK, which ran these E small matmuls ~1.6x slower than the Eigen
-    path a (E, K, C) operand takes (MoE layer fwd + bwd at 512 tokens: 45 -> 38 ms, median of 21).
-    The barrier keeps XLA from folding the transpose back into the dot. (Named scope "gmm_slab":
-    the sharded MoE test tells these local rows from full-batch ones by it.)
-    """
-    with jax.named_scope("gmm_slab"):
-        slab_t = jax.lax.optimization_barrier(jnp.swapaxes(slab, 1, 2))
-        return jax.lax.dot_general(slab_t, w, (((1,), (w_contract,)), ((0,), (0,))), preferred_element_type=out_dtype)
-
-
 def _unslab(slab, layout: _Layout):
     """(E, C, N) slab -> (M + block_m, N) rows (zero outside the slabs and in the padding)."""
     e, c, n = slab.shape
@@ -136,7 +122,7 @@ def _gmm_fwd(x, w, group_sizes, block_m, capacity, out_dtype):
     m = x.shape[0]
     layout = _layout(group_sizes, m, capacity, block_m)
     xp = jnp.pad(x, ((0, block_m), (0, 0)))  # slices starting near M are never clamped; row M is the zero row
-    y = _unslab(_slab_matmul(xp[layout.slab_rows], w, 1, out_dtype), layout)
+    y = _unslab(jnp.einsum("eck,ekn->ecn", xp[layout.slab_rows], w, preferred_element_type=out_dtype), layout)
 
     def body(start, g, mask, y):
         return _write_rows(y, start, mask, jnp.dot(_rows(xp, start, block_m), w[g], preferred_element_type=out_dtype))
@@ -151,9 +137,8 @@ def _gmm_bwd(block_m, capacity, out_dtype, res, dy):
     dyp = jnp.pad(dy, ((0, block_m), (0, 0)))
     # x's slab is gathered again rather than kept from the forward: an (E, C, K) residual per matmul
     x_slab, dy_slab = xp[layout.slab_rows], dyp[layout.slab_rows].astype(w.dtype)
-    dx = _unslab(_slab_matmul(dy_slab, w, 2, acc), layout)
-    with jax.named_scope("gmm_slab"):
-        dw = jnp.einsum("eck,ecn->ekn", x_slab, dy_slab, preferred_element_type=acc)
+    dx = _unslab(jnp.einsum("ecn,ekn->eck", dy_slab, w, preferred_element_type=acc), layout)
+    dw = jnp.einsum("eck,ecn->ekn", x_slab, dy_slab, preferred_element_type=acc)
 
     def body(start, g, mask, carry):
         dx, dw = carry
