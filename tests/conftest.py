@@ -2,7 +2,7 @@
 
 Every compiled XLA CPU executable keeps a few memory mappings for its code, and JAX caches
 executables for the life of the process. One pytest process running the whole suite climbed past
-Linux's default limit of 65530 mappings (`vm.max_map_count`; some single modules reach ~45000),
+Linux's default limit of 65530 mappings (`vm.max_map_count`; single modules peak near 47000),
 and XLA then crashed while compiling. After any test that leaves the process above a third of
 that limit, JAX's caches are dropped; below it, compiled programs are kept for the next test.
 """

@@ -104,7 +104,7 @@ def batch_keys(rng, prompts) -> jax.Array:
         seen = collections.Counter()
         repeats = []
         for prompt in prompts:
-            text = tuple(int(t) for t in prompt)
+            text = tuple(np.asarray(prompt).tolist())
             repeats.append(seen[text])
             seen[text] += 1
         return jax.vmap(lambda n: jax.random.fold_in(rng, n))(jnp.asarray(repeats, jnp.uint32))
