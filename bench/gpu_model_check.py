@@ -8,6 +8,7 @@ Run: python bench/gpu_model_check.py   (about 2 minutes on one H100/H200)
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llada2_jax.diffusion.layout import build_diffusion_batch
 from llada2_jax.diffusion.losses import diffusion_loss
 from llada2_jax.model import ModelConfig, Transformer
