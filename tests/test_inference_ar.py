@@ -49,6 +49,25 @@ def test_greedy_batch_equals_reference_and_stops_at_eos():
     assert res.num_generated == sum(len(w) - (w[-1] == eos) for w in want)
 
 
+def test_long_generation_crosses_cache_windows():
+    """3 + 60 tokens: the cache grows through windows of 16, 24, 32, 48 and 64 slots."""
+    res = generate_ar(model(), [[3, 17, 9]], max_new_tokens=60, eos_id=None)
+    assert res.tokens == [reference_greedy([3, 17, 9], 60, eos_id=-1)]
+    assert res.forwards == 60
+
+
+def test_window_never_shrinks_when_the_longest_prompt_stops_first():
+    """The 40-token row emits EOS as its first token (in the prefill); the short row runs on."""
+    short = [5, 9, 2]
+    short_free = reference_greedy(short, 20, eos_id=-1)
+    long = next(p for p in ([k] * 40 for k in range(1, CFG.vocab_size))
+                if reference_greedy(p, 1, eos_id=-1)[0] not in short_free)
+    eos = reference_greedy(long, 1, eos_id=-1)[0]
+    res = generate_ar(model(), [long, short], max_new_tokens=20, eos_id=eos)
+    assert res.tokens == [[eos], short_free]
+    assert res.row_forwards == [1, 20]
+
+
 def test_sampling_reproducible_and_top_k_one_is_greedy():
     greedy = generate_ar(model(), PROMPTS, max_new_tokens=8, eos_id=None).tokens
     top1 = generate_ar(model(), PROMPTS, max_new_tokens=8, temperature=2.0, top_k=1, eos_id=None,

@@ -5,7 +5,12 @@ Prompts are left-aligned at position 0 of their row (as in the block decoder); t
 prefilled once (length bucketed, see `result.bucket`), then each forward feeds one token per row at
 that row's own next position. Slots past a row's prompt that the prefill filled with padding are
 overwritten by the row's own tokens before any query can see them (a query at position p sees
-slots <= p, and slot p is written by the same forward). The whole loop is one jitted call.
+slots <= p, and slot p is written by the same forward).
+
+As in the block decoder, the cache holds only a window of slots (a bucket, at least
+`MIN_WINDOW`) and grows between windows, so each step attends over the live prefix rather than the
+whole prompt + max_new_tokens: a jitted `lax.while_loop` runs while every unfinished row's next
+position lies inside the window, then the host picks the next window.
 """
 from __future__ import annotations
 
@@ -26,9 +31,13 @@ from llada2_jax.inference.result import (GenerationResult, bucket, check_prompts
 from llada2_jax.model.cache import KVCache
 
 
+MIN_WINDOW = 16  # smallest cache window (slots): fewer compilations for short generations
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     prefill_len: int
+    window: int  # cache slots of this window
     max_new_tokens: int
     greedy: bool
     top_k: int | None
@@ -59,34 +68,62 @@ def _next_tokens(logits, loop_count, knobs: _Knobs, plan: _Plan):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
-def _decode_ar(graphdef, state, x, prompt_len, knobs: _Knobs, plan: _Plan):
-    """Prefill + the token loop; returns (ids (B, N), ids generated per row, forwards, row forwards)."""
+def _prefill(graphdef, state, x, prompt_len, knobs: _Knobs, plan: _Plan) -> _Loop:
+    """The prompt's cache (the first window) and the first generated token of every row."""
     model = nnx.merge(graphdef, state)
-    batch, slots = x.shape
-    rows = jnp.arange(batch)
-    max_new = plan.max_new_tokens
+    batch = x.shape[0]
     positions = jnp.broadcast_to(jnp.arange(plan.prefill_len, dtype=jnp.int32), (batch, plan.prefill_len))
-    prefill = model.forward(x[:, :plan.prefill_len], positions, slot_mask(positions, slots, 1),
-                            cache=KVCache.create(model.config, batch, slots), compute_logits=False)
+    prefill = model.forward(x[:, :plan.prefill_len], positions, slot_mask(positions, plan.window, 1),
+                            cache=KVCache.create(model.config, batch, plan.window), compute_logits=False)
     last = jnp.take_along_axis(prefill.hidden, (prompt_len - 1)[:, None, None], axis=1)
     first = _next_tokens(model.logits_from_hidden(last), jnp.zeros_like(prompt_len), knobs, plan)
-    out = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first)
-    loop = _Loop(out, jnp.ones_like(prompt_len), (first == knobs.eos_id) | (max_new == 1),
+    out = jnp.zeros((batch, plan.max_new_tokens), jnp.int32).at[:, 0].set(first)
+    return _Loop(out, jnp.ones_like(prompt_len), (first == knobs.eos_id) | (plan.max_new_tokens == 1),
                  jnp.ones((), jnp.int32), jnp.ones_like(prompt_len), prefill.cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _decode_window(graphdef, state, loop: _Loop, prompt_len, knobs: _Knobs, plan: _Plan) -> _Loop:
+    """Token steps while every unfinished row's next position lies inside the window."""
+    model = nnx.merge(graphdef, state)
+    rows = jnp.arange(prompt_len.shape[0])
+    max_new = plan.max_new_tokens
 
     def step(lp: _Loop) -> _Loop:
         active = ~lp.done
         pos = (prompt_len + lp.count - 1)[:, None]
         prev = jnp.take_along_axis(lp.out, (lp.count - 1)[:, None], axis=1)
-        res = model.forward(prev, pos, slot_mask(pos, slots, 1), cache=lp.cache)
+        res = model.forward(prev, pos, slot_mask(pos, plan.window, 1), cache=lp.cache)
         tok = _next_tokens(res.logits, lp.count, knobs, plan)
         out = lp.out.at[rows, jnp.where(active, lp.count, max_new)].set(tok, mode="drop")  # finished rows: no write
         count = lp.count + active
         done = lp.done | (tok == knobs.eos_id) | (count >= max_new)
         return _Loop(out, count, done, lp.forwards + 1, lp.row_forwards + active, res.cache)
 
-    loop = jax.lax.while_loop(lambda lp: ~jnp.all(lp.done), step, loop)
-    return loop.out, loop.count, loop.forwards, loop.row_forwards
+    def inside(lp: _Loop):
+        return ~jnp.all(lp.done) & jnp.all(lp.done | (prompt_len + lp.count - 1 < plan.window))
+
+    loop = loop._replace(cache=loop.cache.grow(plan.window))
+    return jax.lax.while_loop(inside, step, loop)
+
+
+def _window(needed: int, slots: int) -> int:
+    return min(max(bucket(needed), MIN_WINDOW), slots)
+
+
+def _decode(graphdef, state, prompt_len: np.ndarray, x, knobs: _Knobs, plan: _Plan) -> _Loop:
+    """Host loop over cache windows (never shrinking: rows the prefill finished may be the longest)."""
+    slots = x.shape[1]
+    window = _window(plan.prefill_len, slots)
+    loop = _prefill(graphdef, state, x, jnp.asarray(prompt_len), knobs, dataclasses.replace(plan, window=window))
+    while True:
+        done, count = jax.device_get((loop.done, loop.count))
+        if done.all():
+            return loop
+        next_pos = prompt_len + count - 1
+        window = max(window, _window(int(next_pos[~done].max()) + 1, slots))
+        loop = _decode_window(graphdef, state, loop, jnp.asarray(prompt_len), knobs,
+                              dataclasses.replace(plan, window=window))
 
 
 def generate_ar(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -113,15 +150,15 @@ def generate_ar(model, prompts, *, max_new_tokens: int, temperature: float = 0.0
     x = np.zeros((len(arrays), bucket(longest)), np.int32)
     for i, a in enumerate(arrays):
         x[i, :a.size] = a
-    plan = _Plan(prefill_len=bucket(int(prompt_len.max())), max_new_tokens=max_new_tokens,
+    plan = _Plan(prefill_len=bucket(int(prompt_len.max())), window=0, max_new_tokens=max_new_tokens,
                  greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None)
     knobs = _Knobs(jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p or 1.0),
                    jnp.int32(-1 if eos_id is None else eos_id), sampling.batch_keys(rng, arrays))
     graphdef, state = nnx.split(model)
 
     start = time.perf_counter()
-    ids, count, forwards, row_forwards = jax.device_get(
-        _decode_ar(graphdef, state, x, jnp.asarray(prompt_len), knobs, plan))
+    loop = _decode(graphdef, state, prompt_len, x, knobs, plan)
+    ids, count, forwards, row_forwards = jax.device_get((loop.out, loop.count, loop.forwards, loop.row_forwards))
     wall = time.perf_counter() - start
 
     tokens, counted = [], 0
