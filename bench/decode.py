@@ -10,8 +10,8 @@ EOS stop every block then takes one step: the same windows, so the same compilat
 fraction of the cost), then timed --repeats times and the fastest run is reported (the CI box is
 shared), so compilation is excluded. By default rows never stop at EOS (eos_id = the mask id,
 which is never committed), so every run generates exactly gen_length tokens and the lengths are
-comparable; --stop-at-eos uses the tokenizer's EOS instead. Random weights are not confident, so their TPF says nothing about a
-trained model: read tokens/s there.
+comparable; --stop-at-eos uses the tokenizer's EOS instead. Random weights are not confident, so
+their TPF says nothing about a trained model: read tokens/s there.
 """
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.gpu_check import timed
 from llada2_jax.diffusion.layout import build_diffusion_batch
 from llada2_jax.diffusion.losses import diffusion_loss
 from llada2_jax.model import ModelConfig, Transformer
@@ -62,16 +62,6 @@ def rel_err(ref, got):
     num = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
               for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
     return num / max(float(jnp.max(jnp.abs(a.astype(jnp.float32)))) for a in jax.tree.leaves(ref))
-
-
-def timed(fn, params, reps=5):
-    jax.block_until_ready(fn(params))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(params))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
 
 
 def main() -> int:

@@ -37,11 +37,11 @@ MIN_WINDOW = 16  # smallest cache window (slots): fewer compilations for short g
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     prefill_len: int
-    window: int  # cache slots of this window
     max_new_tokens: int
     greedy: bool
     top_k: int | None
     use_top_p: bool
+    window: int = 0  # cache slots of the current window (set per window by `_decode`)
 
 
 class _Knobs(NamedTuple):
@@ -113,17 +113,16 @@ def _window(needed: int, slots: int) -> int:
 
 def _decode(graphdef, state, prompt_len: np.ndarray, x, knobs: _Knobs, plan: _Plan) -> _Loop:
     """Host loop over cache windows (never shrinking: rows the prefill finished may be the longest)."""
-    slots = x.shape[1]
+    slots, lengths = x.shape[1], jnp.asarray(prompt_len)
     window = _window(plan.prefill_len, slots)
-    loop = _prefill(graphdef, state, x, jnp.asarray(prompt_len), knobs, dataclasses.replace(plan, window=window))
+    loop = _prefill(graphdef, state, x, lengths, knobs, dataclasses.replace(plan, window=window))
     while True:
         done, count = jax.device_get((loop.done, loop.count))
         if done.all():
             return loop
         next_pos = prompt_len + count - 1
         window = max(window, _window(int(next_pos[~done].max()) + 1, slots))
-        loop = _decode_window(graphdef, state, loop, jnp.asarray(prompt_len), knobs,
-                              dataclasses.replace(plan, window=window))
+        loop = _decode_window(graphdef, state, loop, lengths, knobs, dataclasses.replace(plan, window=window))
 
 
 def generate_ar(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -150,7 +149,7 @@ def generate_ar(model, prompts, *, max_new_tokens: int, temperature: float = 0.0
     x = np.zeros((len(arrays), bucket(longest)), np.int32)
     for i, a in enumerate(arrays):
         x[i, :a.size] = a
-    plan = _Plan(prefill_len=bucket(int(prompt_len.max())), window=0, max_new_tokens=max_new_tokens,
+    plan = _Plan(prefill_len=bucket(int(prompt_len.max())), max_new_tokens=max_new_tokens,
                  greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None)
     knobs = _Knobs(jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p or 1.0),
                    jnp.int32(-1 if eos_id is None else eos_id), sampling.batch_keys(rng, arrays))
