@@ -1,27 +1,35 @@
 """CPU benchmark: BDLM attention, dense-mask XLA vs the tile-skipping XLA path (forward+backward).
 
-Prints a markdown table and writes it into BUILD_NOTES.md (between bench markers). The spec is
-passed through jit as an argument (traced features, as in training), so the sparse path runs
-with its static budget and the run-time fallback check.
-Run: PYTHONPATH=. python3 bench/attention.py [--lengths 1024 2048 4096] [--tile 64]
+    python bench/attention.py [--lengths=1024,2048,4096] [--tile=64] [--nowrite]
+
+Prints a markdown table and writes it to bench/results/attention.md. The spec is passed through
+jit as an argument (traced features, as in training), so the sparse path runs with its static
+budget and the run-time fallback check.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench._notes import publish_table  # noqa: E402
-from kernels_pallas import xla_sparse
-from llada2_jax.diffusion.masks import MaskSpec
+import _cli
+import _results
+from llada2_jax.core.masks import MaskSpec
+from llada2_jax.ops import xla_sparse
 from llada2_jax.ops.attention import xla_attention
+
+LENGTHS = _cli.DEFINE_number_list("lengths", "1024,2048,4096", "document lengths L (the sequence is 2L)", lower=1)
+DOCS = _cli.DEFINE_number_list("docs", "1,4", "documents per sequence", lower=1)
+BLOCK = flags.DEFINE_integer("block", 32, "diffusion block size L_B", lower_bound=1)
+TILE = flags.DEFINE_integer("tile", xla_sparse.DEFAULT_BLOCK, "query/key tile of the sparse path", lower_bound=1)
+HEADS = _cli.DEFINE_number_list("heads", "2,1", "query heads, KV heads", lower=1, length=2)
+HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "head dimension", lower_bound=1)
+REPS = flags.DEFINE_integer("reps", 3, "timed repetitions (the best is reported)", lower_bound=1)
+WRITE = flags.DEFINE_boolean("write", True, "write the table to bench/results/attention.md")
 
 
 def _spec(length, block, docs):
@@ -44,45 +52,39 @@ def _time(fn, *args, reps):
     return best
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    ap.add_argument("--docs", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--block", type=int, default=32)
-    ap.add_argument("--tile", type=int, default=xla_sparse.DEFAULT_BLOCK)
-    ap.add_argument("--heads", type=int, nargs=2, default=[2, 1], metavar=("HQ", "HKV"))
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
-
-    hq, hkv = args.heads
+def main() -> int:
+    hq, hkv = HEADS.value
+    tile, block, reps = TILE.value, BLOCK.value, REPS.value
+    for length in LENGTHS.value:
+        for docs in DOCS.value:
+            if length % docs or length % block:
+                raise app.UsageError(f"--lengths={length} must be a multiple of --docs={docs} and of --block={block}")
     dense = _grad_fn(lambda q, k, v, spec: xla_attention(q, k, v, spec.dense()))
-    sparse = _grad_fn(lambda q, k, v, spec: xla_sparse.attention(q, k, v, spec, block_q=args.tile,
-                                                                 block_k=args.tile))
+    sparse = _grad_fn(lambda q, k, v, spec: xla_sparse.attention(q, k, v, spec, block_q=tile, block_k=tile))
     rows = []
-    for length in args.lengths:
-        for docs in args.docs:
-            spec = _spec(length, args.block, docs)
+    for length in LENGTHS.value:
+        for docs in DOCS.value:
+            spec = _spec(length, block, docs)
             _, t, _ = spec.shape
             key = jax.random.split(jax.random.PRNGKey(length + docs), 3)
-            q = jax.random.normal(key[0], (1, t, hq, args.head_dim), jnp.float32)
-            k = jax.random.normal(key[1], (1, t, hkv, args.head_dim), jnp.float32)
-            v = jax.random.normal(key[2], (1, t, hkv, args.head_dim), jnp.float32)
+            q = jax.random.normal(key[0], (1, t, hq, HEAD_DIM.value), jnp.float32)
+            k = jax.random.normal(key[1], (1, t, hkv, HEAD_DIM.value), jnp.float32)
+            v = jax.random.normal(key[2], (1, t, hkv, HEAD_DIM.value), jnp.float32)
             true_sparsity = 1.0 - float(np.asarray(spec.dense()).mean())
-            skipped = xla_sparse.skipped_fraction(spec, args.tile, args.tile)
-            t_dense = _time(dense, q, k, v, spec, reps=args.reps)
-            t_sparse = _time(sparse, q, k, v, spec, reps=args.reps)
-            rows.append(f"| {length} | {docs} | {true_sparsity:.3f} | {skipped:.3f} | {t_dense * 1e3:.0f} "
-                        f"| {t_sparse * 1e3:.0f} | {t_dense / t_sparse:.2f}x |")
+            skipped = xla_sparse.skipped_fraction(spec, tile, tile)
+            t_dense = _time(dense, q, k, v, spec, reps=reps)
+            t_sparse = _time(sparse, q, k, v, spec, reps=reps)
+            rows.append([length, docs, f"{true_sparsity:.3f}", f"{skipped:.3f}", f"{t_dense * 1e3:.0f}",
+                         f"{t_sparse * 1e3:.0f}", f"{t_dense / t_sparse:.2f}x"])
             print(rows[-1], flush=True)
-    publish_table(
-        "bench-attention",
-        f"BDLM attention fwd+bwd on CPU ({jax.device_count()} device(s), {jax.devices()[0].platform}), "
-        f"L_B={args.block}, B=1, Hq/Hkv={hq}/{hkv}, D={args.head_dim}, fp32, tile={args.tile}, "
-        f"best of {args.reps}. Sequence T = 2L.",
-        ["L", "docs", "true sparsity", "tiles skipped", "dense XLA ms", "xla_sparse ms", "speedup"],
-        rows, write=not args.no_write)
+    caption = (f"BDLM attention fwd+bwd on CPU ({jax.device_count()} device(s), {jax.devices()[0].platform}), "
+               f"L_B={block}, B=1, Hq/Hkv={hq}/{hkv}, D={HEAD_DIM.value}, fp32, tile={tile}, best of {reps}. "
+               "Sequence T = 2L.")
+    table = _results.markdown_table(["L", "docs", "true sparsity", "tiles skipped", "dense XLA ms", "xla_sparse ms",
+                                     "speedup"], rows)
+    _results.publish("attention", f"{caption}\n\n{table}", WRITE.value)
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    _cli.run(main)

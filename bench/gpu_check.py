@@ -1,13 +1,14 @@
 """GPU check of the Pallas (Triton) kernels: correctness vs the XLA references, then timings.
 
-Needs only jax (CUDA) + numpy + this repo. Every section runs in its own try/except; a summary
-table is printed at the end and the exit status is 1 if any check failed or errored.
-Run: bash bench/gpu_check.sh   (about 3 minutes on one H100)
+Needs only jax (CUDA) + numpy + this repo. Every section runs in its own try/except; the summary
+tables are printed at the end and written to bench/results/gpu_check.md (--nowrite: print only);
+the exit status is 1 if any check failed or errored.
+
+    bash bench/gpu_check.sh   (about 3 minutes on one H100)
 """
 from __future__ import annotations
 
 import functools
-import sys
 import time
 import traceback
 
@@ -15,15 +16,20 @@ import numpy as np
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
+import _cli
+import _results
+from _timing import median_ms
 from kernels_pallas.block_sparse_attention import gpu as attn_gpu
 from kernels_pallas.grouped_matmul import gpu as gmm_gpu
-from llada2_jax.diffusion.masks import MaskSpec
+from llada2_jax.core.masks import MaskSpec
 from llada2_jax.ops.attention import xla_attention
 
 RESULTS: list[tuple[str, str, str]] = []  # (check, status, detail)
 TIMINGS: list[tuple[str, str, float]] = []  # (case, impl, ms)
 TOL = {jnp.float32: 2e-4, jnp.bfloat16: 3e-2}
+WRITE = flags.DEFINE_boolean("write", True, "write the tables to bench/results/gpu_check.md")
 
 
 def section(fn):
@@ -45,16 +51,6 @@ def report(check, status, detail):
 def rel_err(a, b):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-6))
-
-
-def timed(fn, *args, reps=5):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
 
 
 def bdlm_spec(batch, length, block, docs):
@@ -140,7 +136,7 @@ def attention_timing():
         impls = {"dense XLA": REF, "pallas 64x64": pallas(64, 64), "pallas 128x64": pallas(128, 64)}
         for impl, fn in impls.items():
             try:
-                TIMINGS.append((case, impl, timed(fn, q, k, v, do, spec)))
+                TIMINGS.append((case, impl, median_ms(fn, q, k, v, do, spec)))
                 print(f"  {impl}: {TIMINGS[-1][2]:.2f} ms", flush=True)
             except Exception as exc:
                 traceback.print_exc()
@@ -197,7 +193,7 @@ def gmm_timing():
              "pallas gmm": lambda x, w, g: gmm_gpu.grouped_matmul(x, w, g)}
     for impl, f in impls.items():
         try:
-            TIMINGS.append((case, impl, timed(bench(f), x, w)))
+            TIMINGS.append((case, impl, median_ms(bench(f), x, w)))
             print(f"  {impl}: {TIMINGS[-1][2]:.2f} ms", flush=True)
         except Exception as exc:
             traceback.print_exc()
@@ -210,16 +206,14 @@ def main() -> int:
         t0 = time.perf_counter()
         step()
         print(f"[{step.__name__}] {time.perf_counter() - t0:.1f}s", flush=True)
-    print("\n## Correctness\n\n| check | status | detail |\n|---|---|---|")
-    for row in RESULTS:
-        print("| " + " | ".join(row) + " |")
-    print("\n## Timings (median of 5, ms)\n\n| case | impl | ms |\n|---|---|---|")
-    for case, impl, ms in TIMINGS:
-        print(f"| {case} | {impl} | {ms:.2f} |")
     bad = [r for r in RESULTS if r[1] != "ok"]
-    print(f"\n{len(RESULTS) - len(bad)}/{len(RESULTS)} checks ok")
+    _results.publish("gpu_check", "\n\n".join([
+        "## Correctness", _results.markdown_table(["check", "status", "detail"], RESULTS),
+        "## Timings (median of 5, ms)",
+        _results.markdown_table(["case", "impl", "ms"], [(c, i, f"{ms:.2f}") for c, i, ms in TIMINGS]),
+        f"{len(RESULTS) - len(bad)}/{len(RESULTS)} checks ok"]), WRITE.value)
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _cli.run(main)

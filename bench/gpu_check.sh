@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the Pallas kernels (correctness fwd+bwd vs XLA references, timings at L=4096).
-# Needs jax with CUDA + numpy + this repo only. Exit status 1 on any mismatch or error.
+# Needs jax with CUDA + numpy + absl + this repo only (PYTHONPATH below: no install needed). Writes
+# bench/results/gpu_check.md; exit status 1 on any mismatch or error.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

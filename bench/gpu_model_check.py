@@ -3,26 +3,28 @@
 The kernel check (bench/gpu_check.py) tests the kernels alone; this one runs them where training
 does: a Bailing MoE model, the two-copy [x_t ; x_0] layout with packed documents, the ELBO loss and
 its gradients. attention_impl / gmm_impl "pallas" must match "xla" (dense mask, ragged_dot) in
-fp32, and the bf16 step is timed with each. Needs jax (CUDA) + numpy + flax + this repo.
-Run: python bench/gpu_model_check.py   (about 2 minutes on one H100/H200)
+fp32, and the bf16 step is timed with each. Needs jax (CUDA) + numpy + flax + this repo. The
+tables go to bench/results/gpu_model_check.md (--nowrite: print only).
+
+    python bench/gpu_model_check.py   (about 2 minutes on one H100/H200)
 """
 from __future__ import annotations
-
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.gpu_check import timed
+import _cli
+import _results
+from _timing import median_ms
 from llada2_jax.diffusion.layout import build_diffusion_batch
 from llada2_jax.diffusion.losses import diffusion_loss
 from llada2_jax.model import ModelConfig, Transformer
 
 VOCAB, MASK_ID = 8192, 8191
+WRITE = flags.DEFINE_boolean("write", True, "write the tables to bench/results/gpu_model_check.md")
 
 
 def config(width, layers, dtype, impl):
@@ -77,25 +79,26 @@ def main() -> int:
     grad_err = rel_err(results["xla"][1], results["pallas"][1])
     good = loss_err <= 1e-4 and grad_err <= 1e-3
     ok &= good
-    print(f"\n## fp32 step, d256 x 3 layers, 32 experts top-4, B2 L512 L_B32 (3 docs + padding)\n\n"
-          f"| loss xla | loss pallas | loss rel err | grads max rel err | status |\n|---|---|---|---|---|\n"
-          f"| {float(results['xla'][0]):.6f} | {float(results['pallas'][0]):.6f} | {loss_err:.1e} | "
-          f"{grad_err:.1e} | {'ok' if good else 'FAIL'} |", flush=True)
+    check = _results.markdown_table(
+        ["loss xla", "loss pallas", "loss rel err", "grads max rel err", "status"],
+        [[f"{float(results['xla'][0]):.6f}", f"{float(results['pallas'][0]):.6f}", f"{loss_err:.1e}",
+          f"{grad_err:.1e}", "ok" if good else "FAIL"]])
+    print(check, flush=True)
 
     rows = []
     for impl, rows_per_batch in (("xla", 1), ("pallas", 1), ("xla", 4), ("pallas", 4)):
         batch = packed_batch(rows_per_batch, 2048, 32, seed=1)
         try:
             fn, params = loss_and_grads(config(1024, 4, "bfloat16", impl), batch)
-            rows.append((impl, rows_per_batch, f"{timed(fn, params):.1f}", f"{float(fn(params)[0]):.4f}"))
+            rows.append((impl, rows_per_batch, f"{median_ms(fn, params):.1f}", f"{float(fn(params)[0]):.4f}"))
         except jax.errors.JaxRuntimeError as exc:  # the dense reference's (B, H, T, S) scores at B4
             rows.append((impl, rows_per_batch, str(exc).split(":")[0], "-"))
-    print("\n## bf16 step (fwd+bwd), d1024 x 4 layers, 32 experts top-4, L2048 (T=4096) L_B32, median of 5\n\n"
-          "| impl | batch | ms | loss |\n|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(map(str, row)) + " |")
+    _results.publish("gpu_model_check", "\n\n".join([
+        "## fp32 step, d256 x 3 layers, 32 experts top-4, B2 L512 L_B32 (3 docs + padding)", check,
+        "## bf16 step (fwd+bwd), d1024 x 4 layers, 32 experts top-4, L2048 (T=4096) L_B32, median of 5",
+        _results.markdown_table(["impl", "batch", "ms", "loss"], rows)]), WRITE.value)
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _cli.run(main)

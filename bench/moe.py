@@ -3,24 +3,30 @@
 Uses `llada2_jax.model.moe` (route + dense_experts / routed_experts) at E=64, k=8, forward and
 backward (grads w.r.t. x and the three expert weights). The ragged dispatch is timed with the
 model's two XLA grouped matmuls (`gmm_impl="xla"` = `jax.lax.ragged_dot`, and `"xla_tiled"`, the CPU
-default of "auto"). Prints a markdown table and writes it into BUILD_NOTES.md.
-Run: python3 bench/moe.py
+default of "auto"). Prints a markdown table and writes it to bench/results/moe.md.
+
+    python bench/moe.py [--tokens=512,2048] [--experts=64] [--nowrite]
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import sys
 import time
 
 import jax
-import jax.numpy as jnp
+from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench._notes import publish_table  # noqa: E402
+import _cli
+import _results
 from llada2_jax.model import moe
 from llada2_jax.model.config import ModelConfig
+
+TOKENS = _cli.DEFINE_number_list("tokens", "512,2048", "token counts to time", lower=1)
+EXPERTS = flags.DEFINE_integer("experts", 64, "routed experts E", lower_bound=1)
+TOP_K = flags.DEFINE_integer("top_k", 8, "experts per token k", lower_bound=1)
+HIDDEN = flags.DEFINE_integer("hidden", 256, "model width d", lower_bound=1)
+INTER = flags.DEFINE_integer("inter", 128, "expert width I", lower_bound=1)
+REPS = flags.DEFINE_integer("reps", 3, "timed repetitions (the best is reported)", lower_bound=1)
+WRITE = flags.DEFINE_boolean("write", True, "write the table to bench/results/moe.md")
 
 
 def _best_times(fns, *args, reps):
@@ -36,20 +42,12 @@ def _best_times(fns, *args, reps):
     return best
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--inter", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
-
-    cfg = ModelConfig(model_type="qwen3_moe", hidden_size=args.hidden, num_experts=args.experts,
-                      num_experts_per_tok=args.top_k, moe_intermediate_size=args.inter)
-    e, d, i = args.experts, args.hidden, args.inter
+def main() -> int:
+    e, d, i, k, reps = EXPERTS.value, HIDDEN.value, INTER.value, TOP_K.value, REPS.value
+    if k > e:
+        raise app.UsageError(f"--top_k={k} exceeds --experts={e}")
+    cfg = ModelConfig(model_type="qwen3_moe", hidden_size=d, num_experts=e, num_experts_per_tok=k,
+                      moe_intermediate_size=i)
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
     router = jax.random.normal(keys[0], (d, e)) * d ** -0.5
     w = dict(e_gate=jax.random.normal(keys[1], (e, d, i)) * d ** -0.5,
@@ -67,21 +65,22 @@ def main():
     dense = grad_fn(moe.dense_experts)
     ragged, tiled = grad_fn(moe.routed_experts, "xla"), grad_fn(moe.routed_experts, "xla_tiled")
     rows = []
-    for n in args.tokens:
+    for n in TOKENS.value:
         x = jax.random.normal(keys[4], (n, d))
         # dense and xla_tiled alternate; ragged_dot (seconds per call on CPU) is timed on its own afterwards,
         # since running it between the others' reps slowed them (up to 2x for xla_tiled at 2048 tokens)
-        t_dense, t_tiled = _best_times((dense, tiled), x, w, reps=args.reps)
-        (t_ragged,) = _best_times((ragged,), x, w, reps=args.reps)
-        rows.append(f"| {n} | {t_dense * 1e3:.0f} | {t_ragged * 1e3:.0f} ({t_dense / t_ragged:.2f}x) "
-                    f"| {t_tiled * 1e3:.0f} ({t_dense / t_tiled:.2f}x) |")
+        t_dense, t_tiled = _best_times((dense, tiled), x, w, reps=reps)
+        (t_ragged,) = _best_times((ragged,), x, w, reps=reps)
+        rows.append([n, f"{t_dense * 1e3:.0f}", f"{t_ragged * 1e3:.0f} ({t_dense / t_ragged:.2f}x)",
+                     f"{t_tiled * 1e3:.0f} ({t_dense / t_tiled:.2f}x)"])
         print(rows[-1], flush=True)
-    publish_table(
-        "bench-moe",
-        f"MoE experts fwd+bwd on CPU, model code (`model.moe`), E={e}, k={args.top_k}, d={d}, I={i}, "
-        f"fp32, best of {args.reps}; speedup vs dense in parentheses.",
-        ["tokens", "dense all-experts ms", "ragged dispatch, ragged_dot ms", "ragged dispatch, xla_tiled gmm ms"],
-        rows, write=not args.no_write)
+    caption = (f"MoE experts fwd+bwd on CPU, model code (`model.moe`), E={e}, k={k}, d={d}, I={i}, fp32, "
+               f"best of {reps}; speedup vs dense in parentheses.")
+    table = _results.markdown_table(["tokens", "dense all-experts ms", "ragged dispatch, ragged_dot ms",
+                                     "ragged dispatch, xla_tiled gmm ms"], rows)
+    _results.publish("moe", f"{caption}\n\n{table}", WRITE.value)
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    _cli.run(main)

@@ -1,6 +1,6 @@
-"""Does post-training do what the spec says, on the tiny model? (numbers for BUILD_NOTES.md)
+"""Does post-training do what the spec says, on the tiny model?
 
-    python bench/posttrain_evidence.py --base /tmp/tiny_wsd --out /tmp/posttrain_evidence
+    python bench/posttrain_evidence.py --base=/tmp/tiny_wsd --out=/tmp/posttrain_evidence
 
 Runs the chain base -> tiny_sft -> tiny_cap -> tiny_dpo (plus a control: the SFT run continued
 with plain SFT for as many steps as CAP, so CAP is compared against equal extra training), each
@@ -9,11 +9,11 @@ through `python -m llada2_jax.main`, then measures on held-out GSM8K (the last 2
   2. TPF and answer accuracy of threshold decoding (0.95, block 32) for SFT, SFT-continued, CAP;
   3. DPO reward margin / accuracy and policy ELBO margin on held-out synthetic pairs, before
      (policy = reference: margin 0 by construction) and after DPO, with one fixed noise sample.
-Prints a markdown table and writes `<out>/evidence.json`. Reruns skip finished stages.
+Prints markdown tables, writes them to bench/results/posttrain_evidence.md (--nowrite: print only)
+and the raw numbers to `<out>/evidence.json`. Reruns skip finished stages.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,21 +23,32 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _cli
+import _results
+from llada2_jax import workdir as wd
+from llada2_jax.data import preference, sft
+from llada2_jax.data.tokenizers import load_tokenizer
+from llada2_jax.evaluation.likelihood import mc_elbo_loglik
+from llada2_jax.evaluation.tasks import extract_gsm8k_answer
+from llada2_jax.inference import generate
+from llada2_jax.training import objectives
 
-from llada2_jax.data import preference, sft  # noqa: E402
-from llada2_jax.data.tokenizers import load_tokenizer  # noqa: E402
-from llada2_jax.evaluation.likelihood import mc_elbo_loglik  # noqa: E402
-from llada2_jax.evaluation.tasks import extract_gsm8k_answer  # noqa: E402
-from llada2_jax.inference import generate  # noqa: E402
-from llada2_jax.training import mesh as mesh_lib  # noqa: E402
-from llada2_jax.training import model_source as ms  # noqa: E402
-from llada2_jax.training import posttrain  # noqa: E402
-from llada2_jax.training.state import merge_model  # noqa: E402
-
+ROOT = _results.ROOT
 BLOCK = 32
+
+BASE = flags.DEFINE_string("base", None, "a finished tiny_wsd workdir")
+OUT = flags.DEFINE_string("out", None, "directory for the stage workdirs and evidence.json")
+SFT_STEPS = flags.DEFINE_integer("sft_steps", 150, "SFT steps", lower_bound=1)
+CAP_STEPS = flags.DEFINE_integer("cap_steps", 60, "CAP steps (and the plain-SFT control's)", lower_bound=1)
+DPO_STEPS = flags.DEFINE_integer("dpo_steps", 60, "DPO steps", lower_bound=1)
+EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "held-out SFT / pair batches of 8", lower_bound=1)
+ELBO_SAMPLES = flags.DEFINE_integer("elbo_samples", 4, "Monte Carlo samples of the response ELBO", lower_bound=1)
+PROMPTS = flags.DEFINE_integer("prompts", 32, "held-out GSM8K prompts decoded", lower_bound=1)
+GEN_LENGTH = flags.DEFINE_integer("gen_length", 256, "tokens generated per prompt", lower_bound=1)
+THRESHOLD = flags.DEFINE_float("threshold", 0.95, "decoding confidence threshold", lower_bound=0.0, upper_bound=1.0)
+WRITE = flags.DEFINE_boolean("write", True, "write the tables to bench/results/posttrain_evidence.md")
 
 
 def run_stage(config: str, workdir: str, init_from: str, overrides: list[str]) -> float:
@@ -50,21 +61,18 @@ def run_stage(config: str, workdir: str, init_from: str, overrides: list[str]) -
 
 
 def load(workdir: str):
-    config = ms.load_model_config(workdir)
-    mesh = mesh_lib.make_mesh({"data": -1}, jax.devices()[:1])
-    layout = ms.ModelLayout.build(config, dict(mesh.shape))
-    params, buffers = ms.place_weights(ms.Source("workdir", workdir, config), layout, mesh, 0)
-    return layout.graphdef, params, buffers
+    """(graphdef, params, buffers) of the run's final model."""
+    return wd.split_model(wd.load_model(workdir))
 
 
 def response_nelbo(workdir: str, batches: list[dict], samples: int) -> float:
     graphdef, params, buffers = load(workdir)
-    mask_id = ms.load_model_config(workdir).mask_token_id
+    mask_id = wd.load_model_config(workdir).mask_token_id
 
     @jax.jit
     def elbo(params, buffers, batch, key):
-        model = merge_model(graphdef, params, buffers)
-        eligible = posttrain.response_positions(batch)
+        model = wd.merge_model(graphdef, params, buffers)
+        eligible = objectives.response_positions(batch)
         mean, _ = mc_elbo_loglik(model, batch["tokens"], batch["segment_ids"], eligible, block_size=BLOCK,
                                  n_samples=samples, rng=key, mask_id=mask_id, positions=batch["positions"])
         return -jnp.sum(mean), jnp.sum(eligible)
@@ -78,7 +86,7 @@ def response_nelbo(workdir: str, batches: list[dict], samples: int) -> float:
 
 def decode_eval(workdir: str, tokenizer, records: list[dict], gen_length: int, threshold: float) -> dict:
     graphdef, params, buffers = load(workdir)
-    model = merge_model(graphdef, params, buffers)
+    model = wd.merge_model(graphdef, params, buffers)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], add_generation_prompt=True)
                for r in records]
     start = time.perf_counter()
@@ -97,76 +105,71 @@ def decode_eval(workdir: str, tokenizer, records: list[dict], gen_length: int, t
 def dpo_margins(policy_dir: str, reference_dir: str, batches: list[dict], beta: float) -> dict:
     graphdef, p_params, p_buffers = load(policy_dir)
     _, r_params, r_buffers = load(reference_dir)
-    config = ms.load_model_config(policy_dir)
-    cfg = posttrain.NoiseConfig(block_size=BLOCK, mask_id=config.mask_token_id, vocab_size=config.vocab_size,
+    config = wd.load_model_config(policy_dir)
+    cfg = objectives.NoiseConfig(block_size=BLOCK, mask_id=config.mask_token_id, vocab_size=config.vocab_size,
                                 complementary=False, beta=beta)
 
     @jax.jit
     def metrics(pp, pb, rp, rb, batch, key):
-        return posttrain.dpo_loss(merge_model(graphdef, pp, pb), merge_model(graphdef, rp, rb), batch, key, cfg)[1]
+        return objectives.dpo_loss(wd.merge_model(graphdef, pp, pb), wd.merge_model(graphdef, rp, rb), batch, key,
+                                   cfg)[1]
 
-    out = [metrics(p_params, p_buffers, r_params, r_buffers, b, jax.random.key(2000 + i)) for i, b in enumerate(batches)]
+    out = [metrics(p_params, p_buffers, r_params, r_buffers, b, jax.random.key(2000 + i))
+           for i, b in enumerate(batches)]
     return {k: float(np.mean([o[k] for o in out])) for k in ("loss", "reward_margin", "reward_accuracy", "elbo_margin")}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", required=True, help="a finished tiny_wsd workdir")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--sft-steps", type=int, default=150)
-    ap.add_argument("--cap-steps", type=int, default=60)
-    ap.add_argument("--dpo-steps", type=int, default=60)
-    ap.add_argument("--eval-batches", type=int, default=4, help="held-out SFT / pair batches of 8")
-    ap.add_argument("--elbo-samples", type=int, default=4)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--gen-length", type=int, default=256)
-    ap.add_argument("--threshold", type=float, default=0.95)
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    d = {k: os.path.join(args.out, k) for k in ("sft", "sft_more", "cap", "dpo")}
+def main() -> int:
+    if not BASE.value or not os.path.isfile(os.path.join(BASE.value, "final.json")):
+        raise app.UsageError(f"--base={BASE.value}: not a finished run workdir (no final.json)")
+    if not OUT.value:
+        raise app.UsageError("--out=DIR is required (the stage workdirs and evidence.json go there)")
+    base, out = BASE.value, OUT.value
+    os.makedirs(out, exist_ok=True)
+    d = {k: os.path.join(out, k) for k in ("sft", "sft_more", "cap", "dpo")}
     seconds = {
-        "sft": run_stage("tiny_sft", d["sft"], args.base, [f"--config.sft.steps={args.sft_steps}"]),
-        "cap": run_stage("tiny_cap", d["cap"], d["sft"], [f"--config.cap.steps={args.cap_steps}"]),
+        "sft": run_stage("tiny_sft", d["sft"], base, [f"--config.sft.steps={SFT_STEPS.value}"]),
+        "cap": run_stage("tiny_cap", d["cap"], d["sft"], [f"--config.cap.steps={CAP_STEPS.value}"]),
         # control: as many plain-SFT steps as CAP, with CAP's learning rates
-        "sft_more": run_stage("tiny_sft", d["sft_more"], d["sft"], [f"--config.sft.steps={args.cap_steps}",
-                                                                     "--config.sft.lr=3e-4", "--config.sft.lr_min=3e-5"]),
-        "dpo": run_stage("tiny_dpo", d["dpo"], d["cap"], [f"--config.dpo.steps={args.dpo_steps}"]),
+        "sft_more": run_stage("tiny_sft", d["sft_more"], d["sft"], [
+            f"--config.sft.steps={CAP_STEPS.value}", "--config.sft.lr=3e-4", "--config.sft.lr_min=3e-5"]),
+        "dpo": run_stage("tiny_dpo", d["dpo"], d["cap"], [f"--config.dpo.steps={DPO_STEPS.value}"]),
     }
-    tokenizer = load_tokenizer(os.path.join(args.base, "tokenizer"))
+    tokenizer = load_tokenizer(os.path.join(base, "tokenizer"))
     seq_len = 512
     held = sft.sft_dataset(sft.gsm8k_conversations(split="heldout"), tokenizer, seq_len=seq_len, batch_size=8,
                            block_size=BLOCK, seed=0)
-    sft_batches = [b for _, b in zip(range(args.eval_batches), held.dataset)]
+    sft_batches = [b for _, b in zip(range(EVAL_BATCHES.value), held.dataset)]
     pairs = preference.preference_dataset(preference.gsm8k_preference_pairs(split="heldout"), tokenizer,
                                           seq_len=seq_len, batch_size=8, block_size=BLOCK, seed=0)
-    pair_batches = [b for _, b in zip(range(args.eval_batches), pairs.dataset)]
-    records = sft.read_gsm8k(split="heldout")[:args.prompts]
+    pair_batches = [b for _, b in zip(range(EVAL_BATCHES.value), pairs.dataset)]
+    records = sft.read_gsm8k(split="heldout")[:PROMPTS.value]
 
-    result = {"args": vars(args), "train_seconds": seconds, "heldout_dropped": held.num_dropped}
-    result["response_nelbo"] = {name: response_nelbo(path, sft_batches, args.elbo_samples)
-                                for name, path in [("base", args.base), *d.items()]}
-    result["decode"] = {name: decode_eval(d[name], tokenizer, records, args.gen_length, args.threshold)
+    flag_values = {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(sys.argv[0])}
+    result = {"flags": flag_values, "train_seconds": seconds, "heldout_dropped": held.num_dropped}
+    result["response_nelbo"] = {name: response_nelbo(path, sft_batches, ELBO_SAMPLES.value)
+                                for name, path in [("base", base), *d.items()]}
+    result["decode"] = {name: decode_eval(d[name], tokenizer, records, GEN_LENGTH.value, THRESHOLD.value)
                         for name in ("sft", "sft_more", "cap")}
     result["dpo"] = {"before": dpo_margins(d["cap"], d["cap"], pair_batches, 0.1),
                      "after": dpo_margins(d["dpo"], d["cap"], pair_batches, 0.1)}
-    with open(os.path.join(args.out, "evidence.json"), "w") as f:
+    with open(os.path.join(out, "evidence.json"), "w") as f:
         json.dump(result, f, indent=1)
 
-    print("\n| model | held-out response NELBO/token |")
-    print("|---|---|")
-    for name, v in result["response_nelbo"].items():
-        print(f"| {name} | {v:.4f} |")
-    print(f"\n| model | TPF @ {args.threshold} | forwards | tokens | GSM8K accuracy ({args.prompts} held-out) |")
-    print("|---|---|---|---|---|")
-    for name, v in result["decode"].items():
-        print(f"| {name} | {v['tpf']:.3f} | {v['forwards']} | {v['tokens']} | {v['accuracy']:.3f} |")
-    print("\n| DPO (held-out pairs) | loss | reward margin | reward accuracy | policy ELBO margin (chosen - rejected) |")
-    print("|---|---|---|---|---|")
-    for name, v in result["dpo"].items():
-        print(f"| {name} | {v['loss']:.4f} | {v['reward_margin']:.4f} | {v['reward_accuracy']:.3f} | "
-              f"{v['elbo_margin']:.2f} |")
-    print(f"\ntrain seconds: {json.dumps({k: round(v) for k, v in seconds.items()})}")
+    nelbo = _results.markdown_table(["model", "held-out response NELBO/token"],
+                                    [[name, f"{v:.4f}"] for name, v in result["response_nelbo"].items()])
+    decode = _results.markdown_table(
+        ["model", f"TPF @ {THRESHOLD.value}", "forwards", "tokens", f"GSM8K accuracy ({PROMPTS.value} held-out)"],
+        [[name, f"{v['tpf']:.3f}", v["forwards"], v["tokens"], f"{v['accuracy']:.3f}"]
+         for name, v in result["decode"].items()])
+    dpo = _results.markdown_table(
+        ["DPO (held-out pairs)", "loss", "reward margin", "reward accuracy", "policy ELBO margin (chosen - rejected)"],
+        [[name, f"{v['loss']:.4f}", f"{v['reward_margin']:.4f}", f"{v['reward_accuracy']:.3f}",
+          f"{v['elbo_margin']:.2f}"] for name, v in result["dpo"].items()])
+    train = f"train seconds: {json.dumps({k: round(v) for k, v in seconds.items()})}"
+    _results.publish("posttrain_evidence", "\n\n".join([nelbo, decode, dpo, train]), WRITE.value)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    _cli.run(main)

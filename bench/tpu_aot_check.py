@@ -18,25 +18,29 @@ They find the mesh on the arguments' NamedShardings (as the trainer's jit does),
 `jax.set_mesh`: under set_mesh the small eager computations some kernels do while tracing (tile
 budgets from concrete layouts) would be placed on the topology's devices, which cannot execute.
 
-Usage: python bench/tpu_aot_check.py [--topology v5e:2x2]. Exit 0 when every check compiled or
-the check is skipped (no libtpu / no topology: prints "TPU AOT check skipped: <reason>"), 1 otherwise.
+    python bench/tpu_aot_check.py [--topology=v5e:2x2] [--nowrite]
+
+Exit 0 when every check compiled or the check is skipped (no libtpu / no topology: prints "TPU AOT
+check skipped: <reason>"), 1 otherwise. The table goes to bench/results/tpu_aot_check.md.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
-import sys
 import time
 import traceback
 from unittest import mock
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding  # noqa: E402
+import _cli
+import _results
+
+TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology to compile for (libtpu's name)")
+WRITE = flags.DEFINE_boolean("write", True, "write the table to bench/results/tpu_aot_check.md")
 
 
 @contextlib.contextmanager
@@ -166,22 +170,20 @@ def one_device_mesh(topo):
     return make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), topo.devices[:1])
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--topology", default="v5e:2x2")
-    args = ap.parse_args(argv)
+def main() -> int:
+    topology = TOPOLOGY.value
     try:
         from jax.experimental import topologies
-        topo = topologies.get_topology_desc(topology_name=args.topology, platform="tpu")
+        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
         devices = topo.devices
     except Exception as e:  # no libtpu, or libtpu cannot describe this topology
-        print(f"TPU AOT check skipped: cannot create TPU topology {args.topology!r}: "
+        print(f"TPU AOT check skipped: cannot create TPU topology {topology!r}: "
               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return 0
     from llada2_jax.training.mesh import make_mesh
     n = len(devices)
     mesh = make_mesh(dict(data=n // 2 if n > 1 else 1, fsdp=1, expert=1, tensor=2 if n > 1 else 1), devices)
-    print(f"jax {jax.__version__}; topology {args.topology}: {n} x {devices[0].device_kind}; "
+    print(f"jax {jax.__version__}; topology {topology}: {n} x {devices[0].device_kind}; "
           f"mesh {dict(mesh.shape)}")
     rows, failed = [], 0
     for name, check in CHECKS:
@@ -195,11 +197,12 @@ def main(argv=None) -> int:
             failed += 1
             rows.append((name, "error", time.perf_counter() - t0, f"{type(e).__name__}: {msg[:300]}"))
             traceback.print_exception(e, limit=-3, chain=False)  # the jaxpr-laden causes are noise
-    print("\n| check | result | lower+compile s | notes |\n|---|---|---|---|")
-    for name, status, sec, note in rows:
-        print(f"| {name} | {status} | {sec:.1f} | {note} |")
+    table = _results.markdown_table(["check", "result", "lower+compile s", "notes"],
+                                    [(name, status, f"{sec:.1f}", note) for name, status, sec, note in rows])
+    _results.publish("tpu_aot_check", f"Topology {topology}: {n} x {devices[0].device_kind}.\n\n{table}",
+                     WRITE.value)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _cli.run(main)

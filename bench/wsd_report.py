@@ -1,21 +1,25 @@
-"""Per-phase report of a training run from its WORKDIR/metrics.jsonl (numbers for BUILD_NOTES.md).
+"""Per-phase report of a training run from its WORKDIR/metrics.jsonl.
 
-    python bench/wsd_report.py --workdir workdirs/tiny_wsd [--write]
+    python bench/wsd_report.py --workdir=/tmp/tiny_wsd [--window=3] [--nowrite]
 
 For every (stage, phase): step range, mean training loss of the first and last `--window` logged
 points, masked accuracy at the end, the held-out metric (fixed noise) at the phase start and end, and the median
-tokens/s. `--write` puts the table into BUILD_NOTES.md between bench-wsd-phases markers.
+tokens/s. The table goes to bench/results/wsd_report.md (--nowrite: print only).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench._notes import replace_section  # noqa: E402
+from absl import app, flags
+
+import _cli
+import _results
+
+WORKDIR = flags.DEFINE_string("workdir", None, "a training run directory (reads its metrics.jsonl)")
+WINDOW = flags.DEFINE_integer("window", 3, "logged points averaged at each phase end", lower_bound=1)
+WRITE = flags.DEFINE_boolean("write", True, "write the table to bench/results/wsd_report.md")
 
 
 def phase_rows(records, window: int):
@@ -43,28 +47,23 @@ def phase_rows(records, window: int):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--window", type=int, default=3, help="logged points averaged at each phase end")
-    ap.add_argument("--write", action="store_true")
-    args = ap.parse_args()
-    with open(os.path.join(args.workdir, "metrics.jsonl")) as f:
+    metrics = os.path.join(WORKDIR.value or "", "metrics.jsonl")
+    if not WORKDIR.value or not os.path.isfile(metrics):
+        raise app.UsageError(f"--workdir={WORKDIR.value}: no metrics.jsonl there (pass a training run directory)")
+    with open(metrics) as f:
         records = [json.loads(line) for line in f if line.strip()]
     lines = ["| stage | phase | block | logged steps | train loss first → last | masked acc (last) | "
              "held-out start → end | tokens/s (median) |", "|---|---|---|---|---|---|---|---|"]
-    for stage, phase, block, steps, first, last, acc, start, held, tps in phase_rows(records, args.window):
+    for stage, phase, block, steps, first, last, acc, start, held, tps in phase_rows(records, WINDOW.value):
         held_s = "-" if held is None else f"{held:.3f}"
         if start is not None:
             held_s = f"{start:.3f} → {held_s}"
         acc_s = "-" if acc is None else f"{acc:.3f}"
         lines.append(f"| {stage} | {phase} | {block} | {steps} | {first:.3f} → {last:.3f} | {acc_s} | "
                      f"{held_s} | {tps:.0f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        replace_section("bench-wsd-phases", table)
+    _results.publish("wsd_report", "\n".join(lines), WRITE.value)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _cli.run(main)

@@ -5,16 +5,10 @@
     python -m llada2_jax.main --config=experiments/flash_cap.py --workdir=gs://.../flash_cap \
         --config.distributed=True --config.init_from=gs://.../flash_sft --config.cap.data=/data/cap.jsonl
 
-Model, runtime and mesh (fsdp 16 x expert 16) come from flash_wsd.py; see
-posttrain_common.pod_posttrain_config for the hyper-parameters.
+Defined in `llada2_jax/configs/flash.py`; the same as `--config=experiments/flash.py:cap`.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from flash_wsd import get_config as wsd_config  # noqa: E402
-from posttrain_common import pod_posttrain_config  # noqa: E402
+from llada2_jax.configs import flash
 
 
 def get_config():
-    return pod_posttrain_config("cap", wsd_config())
+    return flash.get_config("cap")

@@ -5,16 +5,10 @@
     python -m llada2_jax.main --config=experiments/mini_dpo.py --workdir=gs://.../mini_dpo \
         --config.distributed=True --config.init_from=gs://.../mini_cap --config.dpo.data=/data/dpo.jsonl
 
-Model, runtime and mesh (fsdp 16 x expert 16) come from mini_wsd.py; see
-posttrain_common.pod_posttrain_config for the hyper-parameters.
+Defined in `llada2_jax/configs/mini.py`; the same as `--config=experiments/mini.py:dpo`.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from mini_wsd import get_config as wsd_config  # noqa: E402
-from posttrain_common import pod_posttrain_config  # noqa: E402
+from llada2_jax.configs import mini
 
 
 def get_config():
-    return pod_posttrain_config("dpo", wsd_config())
+    return mini.get_config("dpo")

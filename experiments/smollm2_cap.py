@@ -3,23 +3,10 @@
     python -m llada2_jax.main --config=experiments/smollm2_cap.py --workdir=/tmp/smollm2_cap \
         --config.init_from=/tmp/smollm2_sft
 
-Spec hyper-parameters (block 32, t ~ U[0.3, 0.8], AdamW(0.9, 0.999), wd 0.1, clip 1.0, cosine);
-sequence length 512 and batch 4 to fit a CPU (about 10-15 s per step; a GPU is advised).
+Defined in `llada2_jax/configs/smollm2.py`; the same as `--config=experiments/smollm2.py:cap`.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from posttrain_common import posttrain_config, stage_overrides  # noqa: E402
+from llada2_jax.configs import smollm2
 
 
 def get_config():
-    c = posttrain_config("cap", "/tmp/smollm2_sft")
-    c.data.seq_len = 512
-    c.train.update(dict(batch_size=4, eval_batch_size=4, eval_batches=4, log_every=10, checkpoint_every=50,
-                        keep_checkpoints=2))
-    c.cap.update(dict(steps=100, lr=1e-5, lr_min=1e-6, cap_weight=2.0))
-    c.smoke_overrides = (("data.seq_len", 256), ("train.batch_size", 1), ("train.eval_batch_size", 1),
-                         ("train.eval_batches", 1), ("train.log_every", 1), ("train.checkpoint_every", 2),
-                         ("train.keep_checkpoints", 1)) + stage_overrides("cap", [("steps", 2), ("eval_samples", 1)])
-    return c
+    return smollm2.get_config("cap")

@@ -3,23 +3,10 @@
     python -m llada2_jax.main --config=experiments/smollm2_sft.py --workdir=/tmp/smollm2_sft \
         --config.init_from=/tmp/smollm2_wsd
 
-Spec hyper-parameters (block 32, t ~ U[0.3, 0.8], AdamW(0.9, 0.999), wd 0.1, clip 1.0, cosine);
-sequence length 512 and batch 4 to fit a CPU (about 10-15 s per step; a GPU is advised).
+Defined in `llada2_jax/configs/smollm2.py`; the same as `--config=experiments/smollm2.py:sft`.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from posttrain_common import posttrain_config, stage_overrides  # noqa: E402
+from llada2_jax.configs import smollm2
 
 
 def get_config():
-    c = posttrain_config("sft", "/tmp/smollm2_wsd")
-    c.data.seq_len = 512
-    c.train.update(dict(batch_size=4, eval_batch_size=4, eval_batches=4, log_every=10, checkpoint_every=50,
-                        keep_checkpoints=2))
-    c.sft.update(dict(steps=200, lr=2e-5, lr_min=2e-6))
-    c.smoke_overrides = (("data.seq_len", 256), ("train.batch_size", 1), ("train.eval_batch_size", 1),
-                         ("train.eval_batches", 1), ("train.log_every", 1), ("train.checkpoint_every", 2),
-                         ("train.keep_checkpoints", 1)) + stage_overrides("sft", [("steps", 2), ("eval_samples", 1)])
-    return c
+    return smollm2.get_config("sft")

@@ -2,36 +2,10 @@
 
     python -m llada2_jax.main --config=experiments/smollm2_wsd.py --workdir=/tmp/smollm2_wsd
 
-Corpus: the CPython stdlib, plus the Python docs when `python3.11-doc` is installed. A full step
-on 4 x 256 tokens takes ~10-15 s on 2 CPU cores (assets.md), so the default budget is for an
-accelerator; `--config.smoke=True` keeps the real model but runs a handful of short steps.
+Defined in `llada2_jax/configs/smollm2.py`; the same as `--config=experiments/smollm2.py:wsd`.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from base import base_config  # noqa: E402
-
-PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources"
+from llada2_jax.configs import smollm2
 
 
 def get_config():
-    c = base_config()
-    c.stages = "wsd,merge,eval"
-    c.model.source = "gguf:smollm2"  # add_mask_token appends id 49152
-    c.tokenizer.kind = "smollm2"
-    c.data.corpora = "stdlib,python_docs" if os.path.isdir(PYTHON_DOCS) else "stdlib"
-    c.data.seq_len = 256
-    c.train.update(dict(batch_size=8, log_every=10, eval_every=100, eval_batches=4, eval_batch_size=8,
-                        checkpoint_every=100, keep_checkpoints=4))
-    c.wsd.update(dict(warmup_sizes=(1, 4, 32, 64), decay_min=32, steps_per_warmup=100, stable_steps=1000,
-                      steps_per_decay=100, lr=3e-5, warmup_steps=20, noise_steps=200))
-    c.eval.update(dict(block_size=32, num_samples=3, prompt_length=32, gen_length=64))
-    c.smoke_overrides = (
-        ("data.seq_len", 64), ("data.max_bytes", 300_000), ("data.heldout_fraction", 0.05),
-        ("train.batch_size", 1), ("train.eval_batch_size", 1), ("train.eval_batches", 1), ("train.eval_every", 0),
-        ("train.log_every", 1), ("train.checkpoint_every", 2), ("train.keep_checkpoints", 2),
-        ("wsd.warmup_sizes", (1, 4)), ("wsd.decay_min", 32), ("wsd.steps_per_warmup", 1), ("wsd.stable_steps", 1),
-        ("wsd.steps_per_decay", 1), ("wsd.warmup_steps", 1), ("wsd.noise_steps", 2), ("merge.top_k", 2),
-        ("eval.block_size", 32), ("eval.num_samples", 1), ("eval.prompt_length", 16), ("eval.gen_length", 32))
-    return c
+    return smollm2.get_config("wsd")

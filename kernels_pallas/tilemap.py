@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from llada2_jax.diffusion.masks import CLEAN, NOISY, MaskSpec, allowed
+from llada2_jax.core.masks import CLEAN, NOISY, MaskSpec, allowed
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 PAD_Q_SEGMENT, PAD_K_SEGMENT = -2, -1

@@ -1,40 +1,44 @@
 """Generate text from a trained run: block-diffusion decoding (default) or the AR baseline.
 
-    python -m llada2_jax.generate --workdir /tmp/tiny_wsd --prompt "def add(a, b):"
-    python -m llada2_jax.generate --workdir /tmp/tiny_wsd --stage ar_pretrain --ar --prompt "..."
+    python -m llada2_jax.generate --workdir=/tmp/tiny_wsd --prompt="def add(a, b):"
+    python -m llada2_jax.generate --workdir=/tmp/tiny_wsd --stage=ar_pretrain --ar --prompt="..."
 
 Loads the run's final weights (its final.json) or, with --stage, the latest checkpoint of that
-stage, and the tokenizer saved in WORKDIR/tokenizer. The prompt is wrapped in the tokenizer's
-chat template (one user turn + the assistant header) when it has one, unless --raw. Prints the
-completion, then forwards, tokens per forward and tokens/s (a first call includes compilation:
-use --warmup to time a second call).
+stage, and the tokenizer saved in WORKDIR/tokenizer, through `llada2_jax.workdir` (no training
+code). The prompt is wrapped in the tokenizer's chat template (one user turn + the assistant
+header) when it has one, unless --raw. Prints the completion, then forwards, tokens per forward
+and tokens/s (a first call includes compilation: use --warmup to time a second call).
+A mistake in the flags prints one line and exits with code 2.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
-import jax
+from absl import flags
+
+FLAGS = flags.FlagValues()  # its own set, so importing this module never touches `main`'s flags
+flags.DEFINE_string("workdir", None, "a training run directory", flag_values=FLAGS)
+flags.DEFINE_string("prompt", None, "the prompt text", flag_values=FLAGS)
+flags.DEFINE_string("stage", None, "use the latest checkpoint of this stage instead of the final weights",
+                    flag_values=FLAGS)
+flags.DEFINE_boolean("raw", False, "do not apply the chat template", flag_values=FLAGS)
+flags.DEFINE_integer("gen_length", 128, "tokens to generate", flag_values=FLAGS)
+flags.DEFINE_integer("block_size", 32, "block-diffusion block size", flag_values=FLAGS)
+flags.DEFINE_float("threshold", 0.95, "confidence above which a masked token is committed, in [0, 1]",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("steps", None, "denoising steps per block (default: block_size)", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.0, "sampling temperature (0 = greedy)", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", None, "sample from the k most likely tokens", flag_values=FLAGS)
+flags.DEFINE_float("top_p", None, "nucleus sampling mass", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+flags.DEFINE_boolean("no_cache", False, "block decoding without the KV cache", flag_values=FLAGS)
+flags.DEFINE_boolean("ar", False, "AR (next-token) decoding instead of block diffusion", flag_values=FLAGS)
+flags.DEFINE_boolean("warmup", False, "run once before the timed call (excludes compilation)", flag_values=FLAGS)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="a training run directory")
-    p.add_argument("--stage", help="use the latest checkpoint of this stage instead of the final weights")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--gen_length", type=int, default=128)
-    p.add_argument("--block_size", type=int, default=32)
-    p.add_argument("--threshold", type=float, default=0.95)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: block_size)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no_cache", action="store_true", help="block decoding without the KV cache")
-    p.add_argument("--ar", action="store_true", help="AR (next-token) decoding instead of block diffusion")
-    p.add_argument("--warmup", action="store_true", help="run once before the timed call (excludes compilation)")
-    return p.parse_args(argv)
+class UsageError(ValueError):
+    """A mistake in the flags or the workdir: one line, exit code 2."""
 
 
 def prompt_ids(tokenizer, text: str, raw: bool) -> list[int]:
@@ -43,42 +47,102 @@ def prompt_ids(tokenizer, text: str, raw: bool) -> list[int]:
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
 
 
-def main(argv=None) -> int:
-    from llada2_jax.evaluation.models import load_model
-    from llada2_jax.inference import generate, generate_ar
+def check_flags(f) -> None:
+    """Everything that can be checked before loading the model."""
+    for name in ("workdir", "prompt"):
+        if f[name].value is None:
+            raise UsageError(f"--{name} is required")
+    if not os.path.isdir(f.workdir):
+        raise UsageError(f"--workdir={f.workdir!r} does not exist")
+    if f.gen_length < 1:
+        raise UsageError(f"--gen_length={f.gen_length} must be >= 1")
+    if f.block_size < 1:
+        raise UsageError(f"--block_size={f.block_size} must be >= 1")
+    if not 0.0 <= f.threshold <= 1.0:
+        raise UsageError(f"--threshold={f.threshold} must be in [0, 1]")
+    if f.steps is not None and f.steps < 1:
+        raise UsageError(f"--steps={f.steps} must be >= 1")
+    if f.temperature < 0:
+        raise UsageError(f"--temperature={f.temperature} must be >= 0")
+    if f.top_k is not None and f.top_k < 1:
+        raise UsageError(f"--top_k={f.top_k} must be >= 1")
+    if f.top_p is not None and not 0.0 < f.top_p <= 1.0:
+        raise UsageError(f"--top_p={f.top_p} must be in (0, 1]")
 
-    args = parse_args(argv)
-    model, tokenizer = load_model(f"workdir:{args.workdir}" + (f"@{args.stage}" if args.stage else ""))
+
+def parse(argv: list[str]):
+    """Parse `argv` (without the program name) into FLAGS; UsageError for any mistake."""
+    try:
+        FLAGS.unparse_flags()
+        rest = FLAGS(["generate", *argv])
+    except flags.Error as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    if len(rest) > 1:
+        raise UsageError(f"unexpected argument {rest[1]!r} (flags are --name=value)")
+    check_flags(FLAGS)
+    return FLAGS
+
+
+def generate_text(f) -> int:
+    import jax
+
+    from llada2_jax import workdir as wd
+    from llada2_jax.inference import generate, generate_ar
+    from llada2_jax.interop.sources import saved_tokenizer
+
+    try:
+        model = wd.load_model(f.workdir, f.stage)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    tokenizer = saved_tokenizer(os.path.join(f.workdir, wd.TOKENIZER_DIR))
     if tokenizer is None:
-        raise ValueError(f"--workdir {args.workdir}: no tokenizer saved in {args.workdir}/tokenizer")
-    ids = prompt_ids(tokenizer, args.prompt, args.raw)
-    rng = jax.random.PRNGKey(args.seed)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.eos_id,
-                    rng=rng)
-    if args.ar:
+        raise UsageError(f"--workdir={f.workdir!r}: no tokenizer saved in {f.workdir}/{wd.TOKENIZER_DIR}")
+    ids = prompt_ids(tokenizer, f.prompt, f.raw)
+    limit = model.config.max_position_embeddings
+    if len(ids) + f.gen_length > limit:
+        raise UsageError(f"--gen_length={f.gen_length}: the prompt ({len(ids)} tokens) + gen_length exceeds the "
+                         f"model's max_position_embeddings={limit}; use --gen_length <= {limit - len(ids)}")
+    sampling = dict(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, eos_id=tokenizer.eos_id,
+                    rng=jax.random.PRNGKey(f.seed))
+    if f.ar:
         def run():
-            return generate_ar(model, [ids], max_new_tokens=args.gen_length, **sampling)
+            return generate_ar(model, [ids], max_new_tokens=f.gen_length, **sampling)
     else:
         mask_id = model.config.mask_token_id if model.config.mask_token_id is not None else tokenizer.mask_id
         if mask_id is None:
-            raise ValueError(f"--workdir {args.workdir}: neither the model config nor the tokenizer has a mask id "
+            raise UsageError(f"--workdir={f.workdir!r}: neither the model config nor the tokenizer has a mask id "
                              "(an AR checkpoint? use --ar)")
 
         def run():
-            return generate(model, [ids], gen_length=args.gen_length, block_size=args.block_size,
-                            threshold=args.threshold, steps=args.steps, mask_id=mask_id,
-                            use_cache=not args.no_cache, **sampling)
-    if args.warmup:
-        run()
-    res = run()
+            return generate(model, [ids], gen_length=f.gen_length, block_size=f.block_size, threshold=f.threshold,
+                            steps=f.steps, mask_id=mask_id, use_cache=not f.no_cache, **sampling)
+    try:
+        if f.warmup:
+            run()
+        res = run()
+    except ValueError as e:  # the decoders check their arguments before any work
+        raise UsageError(str(e)) from None
     out = res.tokens[0]
     if out and out[-1] == tokenizer.eos_id:
         out = out[:-1]
     print(tokenizer.decode(out))
-    note = "" if args.warmup else " (includes compilation)"
-    print(f"\n[{'AR' if args.ar else 'block diffusion'}] {res.num_generated} tokens, forwards={res.forwards}, "
+    note = "" if f.warmup else " (includes compilation)"
+    print(f"\n[{'AR' if f.ar else 'block diffusion'}] {res.num_generated} tokens, forwards={res.forwards}, "
           f"TPF={res.tpf:.2f}, tokens/s={res.tokens_per_sec:.1f}, {res.wall_time:.2f}s{note}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`argv` without the program name (default: the command line). Returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("--help", "-h", "--helpfull") for a in argv):
+        print(__doc__ + "\nflags:\n" + FLAGS.get_help())
+        return 0
+    try:
+        return generate_text(parse(argv))
+    except UsageError as e:
+        print(f"generate: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

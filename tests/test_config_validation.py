@@ -55,3 +55,41 @@ def test_default_configs_are_valid():
 def test_bad_config_names_the_field(overrides, devices, field):
     with pytest.raises(ValueError, match=re.escape(field)):
         validate_config(_config(overrides), devices)
+
+
+def test_validation_leaves_the_config_unchanged():
+    config = experiment_config(smoke=True)
+    before = config.to_json()
+    validate_config(config, 1)
+    assert config.to_json() == before
+
+
+def test_resolve_init_from_returns_a_new_config(tmp_path):
+    """`init_from` becomes a workdir source and its tokenizer in a copy; the given config is untouched."""
+    from llada2_jax.model.config import ModelConfig
+    from llada2_jax.training.validate import resolve_config
+    from llada2_jax.workdir import save_model_config
+    (tmp_path / "tokenizer").mkdir()
+    save_model_config(str(tmp_path), ModelConfig())
+    config = experiment_config(smoke=True)
+    with config.unlocked():
+        config.init_from = str(tmp_path)
+    before = config.to_json()
+    resolved = resolve_config(config)
+    assert config.to_json() == before
+    assert resolved.model.source == f"workdir:{tmp_path}"
+    assert (resolved.tokenizer.kind, resolved.tokenizer.path) == ("dir", str(tmp_path / "tokenizer"))
+    with config.unlocked():
+        config.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="init_from="):
+        resolve_config(config)
+
+
+def test_every_stage_is_in_the_table_without_importing_its_module():
+    """A config names stages; the table in `training.stages` knows them all (no registration imports)."""
+    import subprocess
+    import sys
+    code = ("from llada2_jax.training.stages import STAGES; "
+            "print(','.join(sorted(STAGES)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "ar_pretrain,cap,dpo,eval,merge,sft,wsd"

@@ -58,7 +58,6 @@ def test_sentencepiece_special_ids(sp):
     specials = [sp.eos_id, sp.pad_id, sp.mask_id]
     assert len(set(specials)) == 3 and all(0 <= i < sp.vocab_size for i in specials)
     assert sp.vocab_size == 1000
-    assert sp.require_mask_id() == sp.mask_id
     # The literal text "[MASK]" is ordinary text, not the mask id; specials decode to nothing.
     assert sp.mask_id not in sp.encode(MASK_TOKEN)
     assert sp.decode([sp.eos_id, sp.pad_id, sp.mask_id]) == ""
@@ -104,8 +103,6 @@ def test_load_tokenizer_missing(tmp_path):
 def test_hf_mask_token(hf_raw):
     tok = HFTokenizer(hf_raw)
     assert tok.eos_id == 2 and tok.pad_id == 2 and tok.mask_id is None
-    with pytest.raises(ValueError, match=r"\[MASK\]"):
-        tok.require_mask_id()
     n = tok.vocab_size
     masked = tok.with_mask_token()
     assert masked.mask_id == n and masked.vocab_size == n + 1

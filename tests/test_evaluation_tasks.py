@@ -228,7 +228,7 @@ def test_evaluate_humaneval_with_replayed_solutions(problems, tok):
 # ---------------------------------------------------------------- model specs
 
 def test_load_model_rejects_bad_specs(tmp_path):
-    from llada2_jax.evaluation.models import load_model
+    from llada2_jax.interop.sources import load_model
     with pytest.raises(ValueError, match="'ckpt:/x'"):
         load_model("ckpt:/x")
     with pytest.raises(ValueError, match="'hf:'"):

@@ -42,7 +42,7 @@ def test_unpermute_qk_inverts_llama_cpp_permutation():
 
 def test_tokenizer_specials_digits_and_round_trip(tok):
     t = tok.tokenizer
-    assert tok.vocab_size == 49152 and tok.eos_id == 2
+    assert t.get_vocab_size(with_added_tokens=True) == 49152 and tok.eos_id == 2
     assert tok.special_ids["<|endoftext|>"] == 0 and tok.special_ids["<|im_start|>"] == 1
     assert len(tok.special_ids) == 17
     enc = t.encode("<|im_start|>user\nIn 2024 we ate 12 apples.<|im_end|>")
@@ -50,14 +50,6 @@ def test_tokenizer_specials_digits_and_round_trip(tok):
     assert [s for s in enc.tokens if s.isdigit()] == ["2", "0", "2", "4", "1", "2"]  # digits split
     text = "def f(x):\n    return x * 3.14  # ünïcode ✓"
     assert t.decode(t.encode(text).ids) == text
-
-
-def test_chatml_prompt_matches_the_file_template(tok):
-    jinja2 = pytest.importorskip("jinja2")
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                {"role": "user", "content": "What is 2+2?"}]
-    ref = jinja2.Template(tok.chat_template).render(messages=messages, add_generation_prompt=True)
-    assert gguf_io.chatml_prompt(messages) == ref
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +78,9 @@ def test_perplexity_of_english_paragraph(smollm2, tok):
 
 @pytest.mark.slow
 def test_greedy_chat_answer_mentions_paris(smollm2, tok):
-    prompt = gguf_io.chatml_prompt([{"role": "user", "content": "What is the capital of France?"}])
+    jinja2 = pytest.importorskip("jinja2")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = jinja2.Template(tok.chat_template).render(messages=messages, add_generation_prompt=True)
     ids = tok.tokenizer.encode(prompt).ids
     width = len(ids) + 12
     forward, state = _jit_logits(smollm2)

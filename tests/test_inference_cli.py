@@ -6,9 +6,9 @@ from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
 
 from llada2_jax import generate as cli
 from llada2_jax.data.tokenizers import HFTokenizer, load_tokenizer
-from llada2_jax.training import model_source
+from llada2_jax import workdir as model_source
 from llada2_jax.training.checkpoint import Checkpointer
-from llada2_jax.training.state import split_model
+from llada2_jax.workdir import split_model
 
 WORDS = ["<pad>", "<eos>", "[UNK]"] + [f"w{i}" for i in range(3, MASK)] + ["[MASK]"]
 
@@ -41,3 +41,17 @@ def test_cli_prints_completion_and_stats(tmp_path, capsys):
     forwards = (prompt >= 8) + blocks + blocks - 1
     assert f"forwards={forwards}," in err and f"TPF={12 / forwards:.2f}" in err
     assert json.loads((tmp_path / "model_config.json").read_text())["vocab_size"] == CFG.vocab_size
+
+
+def test_generate_loads_without_training_code(tmp_path):
+    """`generate` reads a workdir through `llada2_jax.workdir`: no training module is ever imported."""
+    import subprocess
+    import sys
+    write_run(tmp_path, constant_model({7: 0.99}))
+    code = ("import sys; from llada2_jax import generate; "
+            f"code = generate.main(['--workdir={tmp_path}', '--prompt=w5 w9', '--gen_length=8', '--block_size=8']); "
+            "loaded = sorted(m for m in sys.modules if m.startswith('llada2_jax.training')); "
+            "print('TRAINING', loaded, code)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"}).stdout
+    assert "TRAINING [] 0" in out, out

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas import dispatch, xla_sparse
+from llada2_jax.ops import backends, xla_sparse
 from kernels_pallas.block_sparse_attention import gpu as pallas_attention
-from llada2_jax.diffusion.masks import MaskSpec
+from llada2_jax.core.masks import MaskSpec
 from llada2_jax.ops.attention import xla_attention
 
 FP32_TOL = 2e-5
@@ -157,17 +157,19 @@ def test_xla_sparse_random_bdlm_layouts(seed, log_block, group, tile):
     _check(functools.partial(xla_sparse.attention, block_q=tile, block_k=tile), spec, 2 * group, 2, 16)
 
 
-# ------------------------------------------------------------------ dispatch
-def test_dispatch_routes_and_validates():
+# ------------------------------------------------------------------ backend table
+def test_backend_table_routes_and_validates():
     spec = LAYOUTS["causal_docs"]()
     q, k, v, _ = _inputs(spec, 2, 1, 16, jnp.float32)
     want = xla_attention(q, k, v, spec.dense())
-    for impl in ("xla_sparse", "pallas"):  # pallas defaults to interpret mode on CPU
-        np.testing.assert_allclose(dispatch.attention(q, k, v, spec, impl=impl), want, rtol=0, atol=2e-5)
+    for impl in ("xla", "xla_sparse", "pallas", "auto"):  # pallas defaults to interpret mode on CPU
+        got = backends.lookup("attention", impl)(q, k, v, spec, scale=None)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="bogus"):
-        dispatch.attention(q, k, v, spec, impl="bogus")
-    with pytest.raises(ValueError, match="MaskSpec"):
-        dispatch.attention(q, k, v, spec.dense(), impl="pallas")
+        backends.lookup("attention", "bogus")
+    from llada2_jax import ops
+    with pytest.raises(ValueError, match="bogus.*expected one of: auto, xla, xla_sparse, pallas"):
+        ops.attention(q, k, v, spec.dense(), impl="bogus")
 
 
 @pytest.mark.parametrize("impl", ["xla_sparse", "pallas", "auto"])

@@ -8,10 +8,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import dispatch
 from kernels_pallas.grouped_matmul import gpu as gmm_gpu
 from kernels_pallas.grouped_matmul import tpu as gmm_tpu
-from kernels_pallas.grouped_matmul import xla_tiled
+from llada2_jax.ops import backends, xla_tiled
 
 GROUPS = np.array([10, 0, 37, 5, 0, 20], np.int32)  # empty groups; 72 of 80 rows grouped
 
@@ -61,12 +60,14 @@ def test_gmm_matches_ragged_dot(kernel, dtype, tol):
         assert np.all(np.asarray(got[2])[g] == 0), "an empty group gets a zero weight gradient"
 
 
-def test_dispatch_gmm_validates_and_runs():
+def test_backend_table_gmm_validates_and_runs():
     x, w, _ = _inputs(jnp.float32)
     gs = jnp.asarray(GROUPS)
-    np.testing.assert_allclose(dispatch.grouped_matmul(x, w, gs), _reference(x, w, gs), rtol=1e-5, atol=1e-4)
+    pallas = backends.lookup("grouped_matmul", "pallas")  # interpret mode on CPU
+    np.testing.assert_allclose(pallas(x, w, gs, preferred_element_type=jnp.float32), _reference(x, w, gs),
+                               rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="group_sizes"):
-        dispatch.grouped_matmul(x, w, gs[:3])
+        pallas(x, w, gs[:3], preferred_element_type=jnp.float32)
 
 
 @pytest.mark.parametrize("block_m,capacity_factor", [(1, 0.25), (3, 0.0), (16, 0.25), (64, 1.0), (8, 8.0)])

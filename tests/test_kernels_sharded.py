@@ -16,14 +16,13 @@ import json, re
 import numpy as np
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from kernels_pallas import sharded
+from llada2_jax.ops import sharded
 from llada2_jax import ops
-from llada2_jax.diffusion.masks import MaskSpec
+from llada2_jax.core.masks import MaskSpec
 from llada2_jax.training import sharding as shd
 from llada2_jax.training.mesh import make_mesh
 
 assert jax.device_count() == 8, jax.devices()
-assert sharded.BATCH_AXES == shd.BATCH_AXES and shd.LOGICAL_RULES["heads"] == (sharded.HEAD_AXIS,)
 mesh = make_mesh(dict(data=2, fsdp=1, expert=1, tensor=2), jax.devices()[:4])
 B, L, LB, HQ, HKV, D = 4, 64, 8, 4, 2, 32
 seg = np.ones((B, L), np.int32)

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 import jax.numpy as jnp
 
 from kernels_pallas import tilemap
-from llada2_jax.diffusion.masks import MaskSpec
+from llada2_jax.core.masks import MaskSpec
 
 
 def _documents(rng, batch, length, max_docs, pad_prob=0.5):

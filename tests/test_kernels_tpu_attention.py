@@ -12,9 +12,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas import dispatch, tilemap
+from kernels_pallas import tilemap
 from kernels_pallas.block_sparse_attention import tpu
-from llada2_jax.diffusion.masks import MaskSpec
+from llada2_jax.core.masks import MaskSpec
+from llada2_jax.ops import backends
 from llada2_jax.ops.attention import xla_attention
 
 from test_kernels_attention import (BF16_TOL, FP32_TOL, LAYOUTS as _SHARED_LAYOUTS,  # shared layouts, checks
@@ -154,13 +155,13 @@ def test_compiled_block_sizes_validated():
         tpu.attention(q, k, v, spec, block_q=64)
 
 
-def test_dispatch_uses_tpu_kernel_on_tpu(monkeypatch):
+def test_backend_table_uses_tpu_kernel_on_tpu(monkeypatch):
     calls = []
-    monkeypatch.setattr(dispatch, "_backend", lambda: "tpu")
+    monkeypatch.setattr(backends, "platform", lambda: "tpu")
     monkeypatch.setattr(tpu, "attention", lambda *a, **kw: calls.append(kw) or "tpu-kernel")
     spec = LAYOUTS["causal_docs"]()
     q, k, v, _ = _inputs(spec, 2, 1, 16, jnp.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "no TPU kernel" fallback warning any more
-        assert dispatch.attention(q, k, v, spec, impl="pallas") == "tpu-kernel"
+        assert backends.lookup("attention", "pallas")(q, k, v, spec, scale=None) == "tpu-kernel"
     assert calls[0]["interpret"] is False

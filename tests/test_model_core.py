@@ -150,7 +150,21 @@ def test_bf16_compute_keeps_fp32_logits_close():
     (dict(model_type="gpt2"), "supported"),
     (dict(num_attention_heads=3, num_key_value_heads=2), "num_key_value_heads"),
     (dict(mask_token_id=999), "mask_token_id=999"),
+    (dict(attention_impl="palas"), r"attention_impl='palas' is not one of: auto, xla, xla_sparse, pallas$"),
+    (dict(gmm_impl="ragged"), r"gmm_impl='ragged' is not one of: auto, xla, xla_tiled, pallas$"),
+    (dict(moe_impl="sparse"), r"moe_impl='sparse' is not one of: ragged, dense$"),
+    (dict(dtype="bf16"), r"dtype='bf16' is not one of: float32, bfloat16, float16$"),
+    (dict(remat_policy="dots"), r"remat_policy='dots' is not one of: none, full"),
 ])
 def test_config_errors_name_the_problem(kw, needle):
     with pytest.raises(ValueError, match=needle):
         ModelConfig(**kw)
+
+
+def test_runtime_settings_are_checked_with_their_config_path():
+    from llada2_jax.model.config import check_runtime
+    check_runtime(dict(param_dtype="float32", dtype="bfloat16", attention_impl="auto", gmm_impl="xla_tiled"))
+    with pytest.raises(ValueError, match=r"^model\.runtime\.attention_impl='palas' is not one of: auto, xla"):
+        check_runtime(dict(dtype="float32", attention_impl="palas"), "model.runtime.")
+    with pytest.raises(ValueError, match=r"^model\.runtime\.atention_impl is not a runtime setting; expected"):
+        check_runtime(dict(atention_impl="xla"), "model.runtime.")

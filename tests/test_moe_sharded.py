@@ -16,7 +16,7 @@ import json, math, re
 import jax, jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from kernels_pallas import sharded
+from llada2_jax.ops import sharded
 from llada2_jax.model import ModelConfig, Transformer, moe
 from llada2_jax.training import sharding as shd
 from llada2_jax.training.mesh import make_mesh

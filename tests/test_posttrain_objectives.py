@@ -17,8 +17,8 @@ from llada2_jax.data.tokenizers import SentencePieceTokenizer
 from llada2_jax.diffusion import losses
 from llada2_jax.model.config import ModelConfig
 from llada2_jax.model.transformer import Transformer
-from llada2_jax.training import posttrain
-from llada2_jax.training.state import merge_model, split_model
+from llada2_jax.training import objectives as posttrain
+from llada2_jax.workdir import merge_model, split_model
 
 BLOCK, SEQ, BATCH = 32, 512, 2
 
@@ -261,6 +261,7 @@ def _experiment(name):
 ])
 def test_stage_configs_reject_bad_fields(tmp_path, name, field, value, message):
     from llada2_jax.training.stages import get_stage
+    from llada2_jax.training.validate import resolve_config
     config = _experiment(name)
     config.init_from = ""
     *parents, leaf = field.split(".")
@@ -269,4 +270,5 @@ def test_stage_configs_reject_bad_fields(tmp_path, name, field, value, message):
         node = node[p]
     node[leaf] = str(tmp_path) if value == "EMPTY" else value
     with pytest.raises(ValueError, match=message):
-        get_stage(name.split("_")[1]).validate(config)
+        stage = name.split("_")[1]
+        get_stage(stage).validate(resolve_config(config), stage)

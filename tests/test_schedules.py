@@ -1,4 +1,4 @@
-"""WSD block-size ladder, phase lookup and learning-rate schedules."""
+"""WSD block-size ladder and learning-rate schedules."""
 import math
 
 import numpy as np
@@ -25,25 +25,6 @@ def test_ladder_rejects_sizes_not_dividing_length():
         schedules.wsd_ladder(48, steps_per_warmup=1, stable_steps=1, steps_per_decay=1)
     with pytest.raises(ValueError, match="decay_min=32.*seq_len=96"):
         schedules.wsd_ladder(96, warmup_sizes=(1, 4), steps_per_warmup=1, stable_steps=1, steps_per_decay=1)
-
-
-def test_phase_at_boundaries():
-    phases = [schedules.Phase("a", 1, 3), schedules.Phase("b", 4, 2), schedules.Phase("c", 8, 1)]
-    expected = [0, 0, 0, 1, 1, 2]
-    for step, idx in enumerate(expected):
-        got_idx, phase = schedules.phase_at(phases, step)
-        assert got_idx == idx and phase is phases[idx]
-        assert schedules.phase_start(phases, idx) <= step < schedules.phase_start(phases, idx) + phases[idx].steps
-    assert schedules.phase_at(phases, 100)[0] == 2
-    with pytest.raises(ValueError, match="step=-1"):
-        schedules.phase_at(phases, -1)
-
-
-def test_tokens_to_steps():
-    assert schedules.tokens_to_steps(1000, 256) == 4
-    assert schedules.tokens_to_steps(1024, 256) == 4
-    with pytest.raises(ValueError, match="tokens_per_step=0"):
-        schedules.tokens_to_steps(10, 0)
 
 
 def test_phase_validation():

@@ -1,6 +1,6 @@
 """Non-finite losses skip the update (params and optimizer untouched), are counted, and abort after K in a row.
 
-Uses the stage registry the way a new stage would: a test stage whose loss is NaN on chosen steps.
+Uses the stage table the way a new stage would: a test stage whose loss is NaN on chosen steps.
 """
 import jax
 import jax.numpy as jnp
@@ -10,26 +10,27 @@ import pytest
 from test_training_fixtures import read_metrics, tiny_train_config, train_tokenizer
 from llada2_jax.training import model_source as ms
 from llada2_jax.training import stages
-from llada2_jax.training.run import Run
+from llada2_jax.training.run import Run, make_trainer
+from llada2_jax.training.stages.pretrain import ARPretrain
 from llada2_jax.training.trainer import NonFiniteLoss
 
 NAN_STEPS = {"nan_once": (1,), "nan_always": tuple(range(100))}
+NAN_STAGES = tuple(NAN_STEPS)
 
 
-def _register(name):
-    if name in stages.STAGES:
-        return
+class NanStage(ARPretrain):
+    """AR pretraining whose loss is NaN on the steps listed for its name."""
 
-    @stages.register(name)
-    class NanStage(stages.ARPretrain):
-        @classmethod
-        def total_steps(cls, config):
-            return config[name].steps
+    def loss(self, segment, model, batch, rng, step):
+        loss, metrics = super().loss(segment, model, batch, rng, step)
+        poisoned = jnp.isin(step, jnp.asarray(NAN_STEPS[self.name]))
+        return jnp.where(poisoned, jnp.nan, loss), metrics
 
-        def loss(self, segment, model, batch, rng, step):
-            loss, metrics = super().loss(segment, model, batch, rng, step)
-            poisoned = jnp.isin(step, jnp.asarray(NAN_STEPS[name]))
-            return jnp.where(poisoned, jnp.nan, loss), metrics
+
+@pytest.fixture(autouse=True)
+def nan_stages(monkeypatch):
+    for name in NAN_STAGES:
+        monkeypatch.setitem(stages.STAGES, name, NanStage)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,6 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def _config(tokenizer_dir, name):
-    _register(name)
     c = tiny_train_config(tokenizer_dir, stages=name)
     with c.unlocked():
         c[name] = c.ar_pretrain.copy_and_resolve_references()
@@ -66,7 +66,7 @@ def test_nan_streak_aborts_with_untouched_weights(tmp_path, tokenizer_dir):
     with pytest.raises(NonFiniteLoss, match="max_nonfinite_streak=3"):
         run.execute()
     start = ms.place_weights(run.source, run.layout, run.mesh, config.seed)[0]
-    trainer = run.trainer_for(stages.get_stage("nan_always")(run, config.nan_always))
+    trainer = make_trainer(run.stage("nan_always"))
     saved = trainer.checkpointer.restore_model(trainer.checkpointer.latest_step(), run.layout.abstract_params,
                                                run.layout.abstract_buffers)[0]
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(saved)):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels_pallas import tilemap
-from llada2_jax.diffusion.masks import MaskSpec, allowed
+from llada2_jax.core.masks import MaskSpec, allowed
 
 DEFAULT_BLOCK = 64
 

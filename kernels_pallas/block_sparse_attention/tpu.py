@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import tilemap
-from llada2_jax.diffusion.masks import MaskSpec, allowed
+from llada2_jax.core.masks import MaskSpec, allowed
 
 LANES, SUBLANES = 128, 8
 DEFAULT_BLOCK = 256  # [I] not measured on TPU; tunable per call

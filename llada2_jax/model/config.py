@@ -8,10 +8,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
+
+from llada2_jax.ops import backends
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "bailing_moe_v2")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# The execution settings (not architecture) and the values each accepts.
+RUNTIME_CHOICES: dict[str, tuple[str, ...]] = {
+    "param_dtype": DTYPES,
+    "dtype": DTYPES,
+    "remat_policy": REMAT_POLICIES,
+    "attention_impl": backends.impls("attention"),
+    "moe_impl": ("ragged", "dense"),
+    "gmm_impl": backends.impls("grouped_matmul"),
+}
+
+
+def check_runtime(settings: Mapping[str, Any], prefix: str = "") -> None:
+    """ValueError naming the first runtime setting that is unknown or not one of its choices.
+
+    `prefix` is where the settings sit in the caller's config (e.g. "model.runtime.").
+    """
+    for field, value in settings.items():
+        if field not in RUNTIME_CHOICES:
+            raise ValueError(f"{prefix}{field} is not a runtime setting; expected one of: {', '.join(RUNTIME_CHOICES)}")
+        if value not in RUNTIME_CHOICES[field]:
+            raise ValueError(f"{prefix}{field}={value!r} is not one of: {', '.join(RUNTIME_CHOICES[field])}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +89,7 @@ class ModelConfig:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        check_runtime({field: getattr(self, field) for field in RUNTIME_CHOICES})
         if self.is_moe:
             if not 0 < self.num_experts_per_tok <= self.num_experts:
                 raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from llada2_jax import ops
+from llada2_jax.core.axes import logical_to_spec
+from llada2_jax.ops import sharded
 
 
 def route(config, x, router_w, expert_bias=None):
@@ -41,6 +43,10 @@ def route(config, x, router_w, expert_bias=None):
     return weights, ids.astype(jnp.int32), load
 
 
+def _expert_bias(config, p):
+    return p["expert_bias"] if config.use_expert_bias else None
+
+
 def _limit_groups(choice, n_group: int, topk_group: int):
     """Keep the topk_group groups with the best sum-of-top-2 scores; others become -inf."""
     n, e = choice.shape
@@ -62,11 +68,10 @@ def routed_moe(config, p, x, batch: int):
     The grouped matmul kernels are per-device and XLA cannot partition them, so under a
     multi-device mesh (in context or on x's sharding) both run per shard (`_sharded_moe`).
     """
-    from kernels_pallas import sharded  # local import: kernels are optional for the reference path
     mesh = sharded.ambient_mesh(x)
     if mesh is not None:
         return _sharded_moe(config, mesh, p, x, batch)
-    weights, ids, load = route(config, x, p["router"], p.get("expert_bias"))
+    weights, ids, load = route(config, x, p["router"], _expert_bias(config, p))
     return routed_experts(config, x, weights, ids, p["e_gate"], p["e_up"], p["e_down"]), load
 
 
@@ -137,7 +142,7 @@ def _sharded_moe(config, mesh, p, x, batch: int):
     """`routed_moe` under `shard_map`: every device routes and dispatches only its own rows.
 
     Rows are split over the batch axes exactly as the activations are (`sharded.batch_axes`), the
-    weights as `training.sharding.LOGICAL_RULES` lays them out (expert dim over "expert", d_model
+    weights as `core.axes.LOGICAL_RULES` lays them out (expert dim over "expert", d_model
     over "fsdp", the expert FFN width over "tensor"). Per layer, inside the shard_map:
       - d_model axes: router and expert weights are all-gathered (FSDP, one layer at a time under
         the layer scan), in the compute dtype;
@@ -149,8 +154,6 @@ def _sharded_moe(config, mesh, p, x, batch: int):
       - expert axes that do not split the rows, and the FFN-width axes: partial sums, psum.
     The expert load is summed from per-shard counts (exact, so bias updates match one device).
     """
-    from kernels_pallas import sharded
-    from llada2_jax.training.sharding import logical_to_spec
     rows = sharded.batch_axes(mesh, batch)
     shape = dict(mesh.shape)
     spec = lambda name, names: logical_to_spec(names, p[name].shape, shape)  # noqa: E731
@@ -164,7 +167,7 @@ def _sharded_moe(config, mesh, p, x, batch: int):
     partial = tuple(a for a in ex_axes if a not in rows) + i_axes
     e_local = config.num_experts // math.prod(shape[a] for a in ex_axes)
     row_shards = math.prod(shape[a] for a in rows)
-    bias = p.get("expert_bias")
+    bias = _expert_bias(config, p)
 
     def gather(a, axis, names=d_axes):
         return jax.lax.all_gather(a, names, axis=axis, tiled=True) if names else a
@@ -217,7 +220,7 @@ def moe_ffn(config, p, x):
     b, t, d = x.shape
     flat = x.reshape(b * t, d)
     if config.moe_impl == "dense":
-        weights, ids, load = route(config, flat, p["router"], p.get("expert_bias"))
+        weights, ids, load = route(config, flat, p["router"], _expert_bias(config, p))
         y = dense_experts(config, flat, weights, ids, p["e_gate"], p["e_up"], p["e_down"])
     else:
         y, load = routed_moe(config, p, flat, batch=b)

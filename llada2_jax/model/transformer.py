@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llada2_jax import ops
-from llada2_jax.diffusion.masks import MaskSpec
+from llada2_jax.core.masks import MaskSpec
 from llada2_jax.model import cache as kv
 from llada2_jax.model.config import ModelConfig
 from llada2_jax.model.layers import apply_rope, rms_norm, rope_frequencies, swiglu
@@ -95,16 +95,17 @@ class LayerStack(nnx.Module):
         return {name: var.get_value() for name, var in vars(self).items() if isinstance(var, nnx.Variable)}
 
 
-def _decoder_layer(config, rope, mask, x, p, positions, cache_kv):
-    """One pre-norm decoder layer. Returns (x, new (k, v) cache or None, expert load or None)."""
+def _decoder_layer(config, moe: bool, rope, mask, x, p, positions, cache_kv):
+    """One pre-norm decoder layer (MoE feed-forward when `moe`). Returns (x, new (k, v) cache or
+    None, expert load or None)."""
     dt = x.dtype
     a = rms_norm(x, p["input_norm"], config.rms_norm_eps)
     q = jnp.einsum("btd,dhk->bthk", a, p["wq"].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", a, p["wk"].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", a, p["wv"].astype(dt))
-    if "bq" in p:
+    if config.attention_bias:
         q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
-    if "q_norm" in p:
+    if config.qk_norm:
         q = rms_norm(q, p["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
     inv_freq, rope_scale = rope
@@ -117,7 +118,7 @@ def _decoder_layer(config, rope, mask, x, p, positions, cache_kv):
     o = ops.attention(q, k.astype(dt), v.astype(dt), mask, impl=config.attention_impl)
     x = x + jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dt))
     m = rms_norm(x, p["post_norm"], config.rms_norm_eps)
-    if "router" in p:
+    if moe:
         y, load = moe_ffn(config, p, m)
     else:
         y, load = swiglu(m, p["w_gate"].astype(dt), p["w_up"].astype(dt), p["w_down"].astype(dt)), None
@@ -135,6 +136,18 @@ class Transformer(nnx.Module):
         self.final_norm = _ones((c.hidden_size,), ("norm",), dt)
         self.lm_head = None if c.tie_word_embeddings else _param(
             rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), dt)
+        self.frozen_layers = 0
+
+    def freeze_bottom(self, n: int) -> None:
+        """Let no gradient reach the bottom `n` layers or the input embedding lookup below them.
+
+        Fine-tuning only the top of a model then skips the backward pass through the frozen
+        layers altogether (the optimizer must also leave them alone: `training.state`). The
+        forward is unchanged. `n` is static: changing it recompiles.
+        """
+        if not 0 <= n <= self.config.num_hidden_layers:
+            raise ValueError(f"frozen layers={n} must be in [0, num_hidden_layers={self.config.num_hidden_layers}]")
+        self.frozen_layers = n
 
     def __call__(self, tokens, positions=None, mask="causal"):
         return self.forward(tokens, positions, mask).logits
@@ -150,6 +163,8 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
         if embed_noise is not None:
             x = x + embed_noise.astype(c.dtype)
+        if self.frozen_layers:
+            x = jax.lax.stop_gradient(x)
         mask = self._prepare_mask(mask, positions, cache)
         rope = rope_frequencies(c)
         new_k, new_v, loads = [], [], []
@@ -160,7 +175,8 @@ class Transformer(nnx.Module):
             layer_cache = None
             if cache is not None:
                 layer_cache = (cache.k[offset:offset + stack.num_layers], cache.v[offset:offset + stack.num_layers])
-            x, stack_cache, load = self._run_stack(stack, x, positions, mask, rope, layer_cache)
+            frozen = min(max(self.frozen_layers - offset, 0), stack.num_layers)
+            x, stack_cache, load = self._run_stack(stack, x, positions, mask, rope, layer_cache, frozen)
             offset += stack.num_layers
             if stack_cache is not None:
                 new_k.append(stack_cache[0])
@@ -190,15 +206,26 @@ class Transformer(nnx.Module):
         s = cache.max_len if cache is not None else t
         return ops.dense_mask(mask, b, t, s)
 
-    def _run_stack(self, stack, x, positions, mask, rope, layer_cache):
+    def _run_stack(self, stack, x, positions, mask, rope, layer_cache, frozen: int):
+        """Scan the stack's layers; the first `frozen` run as a separate scan under stop_gradient."""
         c = self.config
 
         def body(h, layer_in):
             p, cache_kv = layer_in
-            h, new_cache, load = _decoder_layer(c, rope, mask, h, p, positions, cache_kv)
+            h, new_cache, load = _decoder_layer(c, stack.moe, rope, mask, h, p, positions, cache_kv)
             return h, (new_cache, load)
 
         if c.remat_policy != "none":
             body = jax.checkpoint(body, policy=_REMAT[c.remat_policy])
-        x, (new_cache, load) = jax.lax.scan(body, x, (stack.weights(), layer_cache))
+        inputs = (stack.weights(), layer_cache)
+        if not frozen:
+            x, (new_cache, load) = jax.lax.scan(body, x, inputs)
+            return x, new_cache, load
+        below = jax.tree.map(lambda a: jax.lax.stop_gradient(a[:frozen]), inputs)
+        x, outs_below = jax.lax.scan(body, x, below)
+        x = jax.lax.stop_gradient(x)
+        if frozen == stack.num_layers:
+            return x, *outs_below
+        x, outs_above = jax.lax.scan(body, x, jax.tree.map(lambda a: a[frozen:], inputs))
+        new_cache, load = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs_below, outs_above)
         return x, new_cache, load

@@ -1,4 +1,4 @@
-"""Hot operations with several backends behind one function each."""
+"""Hot operations with several backends behind one function each; `backends` holds the table."""
 from llada2_jax.ops.attention import attention, dense_mask, xla_attention
 from llada2_jax.ops.grouped_matmul import grouped_matmul
 

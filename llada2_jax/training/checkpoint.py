@@ -6,23 +6,17 @@ One step directory holds the items
   meta    JSON: stage, phase, base RNG key data, anything the stage wants to record
   data    the Grain iterator state (grain's own Orbax handler: one JSON file per process)
 Restoring reads into abstract targets that carry shardings, so every host loads only its shards.
+The `model` item's format is `llada2_jax.workdir`'s (what `generate` and evaluation load).
 """
 from __future__ import annotations
 
 import os
 
 import grain.checkpoint as grain_ckpt
-import jax
 import orbax.checkpoint as ocp
 
+from llada2_jax import workdir as wd
 from llada2_jax.training.state import TrainState
-
-
-def abstract_like(tree, shardings=None):
-    """ShapeDtypeStruct tree (with shardings when given) as an Orbax restore target."""
-    if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 class Checkpointer:
@@ -42,7 +36,7 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, meta: dict, data_iterator=None) -> None:
         items = dict(
-            model=ocp.args.StandardSave({"params": state.params, "buffers": state.buffers}),
+            model=wd.save_weights_arg(state.params, state.buffers),
             train=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step,
                                          "nonfinite": state.nonfinite, "streak": state.streak}),
             meta=ocp.args.JsonSave(meta),
@@ -53,9 +47,8 @@ class Checkpointer:
 
     def restore(self, step: int, target: TrainState, shardings: TrainState, data_iterator=None):
         """(TrainState, meta); `data_iterator` is restored in place when given."""
-        model_t = abstract_like({"params": target.params, "buffers": target.buffers},
-                                {"params": shardings.params, "buffers": shardings.buffers})
-        train_t = abstract_like(
+        model_t = wd.weights_target(target.params, target.buffers, (shardings.params, shardings.buffers))
+        train_t = wd.abstract_like(
             {"opt_state": target.opt_state, "step": target.step, "nonfinite": target.nonfinite,
              "streak": target.streak},
             {"opt_state": shardings.opt_state, "step": shardings.step, "nonfinite": shardings.nonfinite,
@@ -73,15 +66,12 @@ class Checkpointer:
     def save_model(self, step: int, params: dict, buffers: dict, meta: dict) -> None:
         """A model-only checkpoint (e.g. the merged model)."""
         self.manager.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave({"params": params, "buffers": buffers}),
+            model=wd.save_weights_arg(params, buffers),
             meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore_model(self, step: int, params, buffers, shardings=None):
         """(params, buffers) of `step` into the structure of the given (abstract) trees."""
-        target = abstract_like({"params": params, "buffers": buffers},
-                               None if shardings is None else {"params": shardings[0], "buffers": shardings[1]})
-        out = self.manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-        return out["model"]["params"], out["model"]["buffers"]
+        return wd.restore_weights(self.manager, step, params, buffers, shardings)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -10,6 +10,7 @@ import math
 import jax
 from flax import nnx
 
+from llada2_jax import workdir as wd
 from llada2_jax.model.config import ModelConfig
 from llada2_jax.training import mesh as mesh_lib
 from llada2_jax.training import model_source as ms
@@ -21,7 +22,7 @@ GiB = 2**30
 
 def parameter_counts(config: ModelConfig) -> dict:
     """Total parameters and those active per token (routed experts count k/E of their weights)."""
-    model = ms.abstract_model(config)
+    model = wd.abstract_model(config)
     params = nnx.state(model, nnx.Param)
     flat = nnx.to_flat_state(params)
     total = routed = 0

@@ -11,20 +11,16 @@ Models without a `[MASK]` id get one appended (`interop.convert.add_mask_token`)
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import jax
 from flax import nnx
 
+from llada2_jax import workdir as wd
 from llada2_jax.model.config import ModelConfig
 from llada2_jax.model.transformer import Transformer
 from llada2_jax.training import sharding as shd
-from llada2_jax.training.state import split_model
 
 SOURCE_KINDS = ("init", "hf", "gguf", "workdir")
-FINAL_FILE = "final.json"
-MODEL_CONFIG_FILE = "model_config.json"
 
 
 def parse_source(source: str) -> tuple[str, str]:
@@ -34,55 +30,6 @@ def parse_source(source: str) -> tuple[str, str]:
         raise ValueError(f"model.source={source!r}; expected 'init', 'hf:<dir>', 'gguf:<path>|gguf:smollm2' "
                          f"or 'workdir:<dir>'")
     return kind, arg
-
-
-def config_to_json(config: ModelConfig) -> dict:
-    d = dataclasses.asdict(config)
-    d["rope_scaling"] = config.rope_scaling_dict
-    return d
-
-
-def config_from_json(d: dict) -> ModelConfig:
-    d = dict(d)
-    rope_scaling = d.pop("rope_scaling", None)
-    return ModelConfig(**d).replace(rope_scaling=rope_scaling)
-
-
-def save_model_config(workdir: str, config: ModelConfig) -> None:
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
-            json.dump(config_to_json(config), f, indent=1)
-
-
-def load_model_config(workdir: str) -> ModelConfig | None:
-    path = os.path.join(workdir, MODEL_CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return config_from_json(json.load(f))
-
-
-def read_final(workdir: str) -> dict | None:
-    """The run's `final.json`: {"completed": [...stages], "checkpoint_dir", "step"} or None."""
-    path = os.path.join(workdir, FINAL_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_final(workdir: str, completed: list[str], checkpoint_dir: str, step: int) -> None:
-    if jax.process_index() == 0:
-        tmp = os.path.join(workdir, FINAL_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"completed": completed, "checkpoint_dir": os.path.abspath(checkpoint_dir),
-                       "step": step}, f, indent=1)
-        os.replace(tmp, os.path.join(workdir, FINAL_FILE))
-
-
-def abstract_model(config: ModelConfig) -> Transformer:
-    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
 
 
 @dataclasses.dataclass
@@ -98,7 +45,7 @@ class ModelLayout:
 
     @classmethod
     def build(cls, config: ModelConfig, mesh_shape: dict) -> "ModelLayout":
-        graphdef, params, buffers = nnx.split(abstract_model(config), nnx.Param, ...)
+        graphdef, params, buffers = nnx.split(wd.abstract_model(config), nnx.Param, ...)
         return cls(config, graphdef, params, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers),
                    shd.state_specs(params, mesh_shape), shd.state_specs(buffers, mesh_shape))
 
@@ -138,10 +85,10 @@ def open_source(source: str, arch: dict, runtime: dict, tokenizer=None) -> Sourc
                     fields[name] = value
         return Source(kind, arg, ModelConfig(**fields))
     if kind == "workdir":
-        config = load_model_config(arg)
+        config = wd.load_model_config(arg, **runtime)
         if config is None:
-            raise ValueError(f"model.source={source!r}: {arg}/{MODEL_CONFIG_FILE} not found (not a run workdir?)")
-        return Source(kind, arg, config.replace(**runtime))
+            raise ValueError(f"model.source={source!r}: {arg}/{wd.MODEL_CONFIG_FILE} not found (not a run workdir?)")
+        return Source(kind, arg, config)
     if kind == "hf":
         from llada2_jax.interop import hf
         model = hf.load_pretrained(arg, **runtime)
@@ -157,16 +104,19 @@ def place_weights(src: Source, layout: ModelLayout, mesh, seed: int) -> tuple[di
     p_sh, b_sh = shd.named(layout.param_specs, mesh), shd.named(layout.buffer_specs, mesh)
     if src.kind == "init":
         def init():
-            _, params, buffers = split_model(Transformer(layout.config, rngs=nnx.Rngs(seed)))
+            _, params, buffers = wd.split_model(Transformer(layout.config, rngs=nnx.Rngs(seed)))
             return params, buffers
         return jax.jit(init, out_shardings=(p_sh, b_sh))()
     if src.kind == "workdir":
-        from llada2_jax.training.checkpoint import Checkpointer
-        final = read_final(src.arg)
+        final = wd.read_final(src.arg)
         if final is None:
-            raise ValueError(f"model.source=workdir:{src.arg}: {FINAL_FILE} not found: that run has not "
+            raise ValueError(f"model.source=workdir:{src.arg}: {wd.FINAL_FILE} not found: that run has not "
                              f"finished a stage yet")
-        ckpt = Checkpointer(final["checkpoint_dir"], keep=None, async_save=False)
-        return ckpt.restore_model(final["step"], layout.abstract_params, layout.abstract_buffers, (p_sh, b_sh))
-    _, params, buffers = split_model(src.host_model)
+        manager = wd.open_checkpoints(final["checkpoint_dir"])
+        try:
+            return wd.restore_weights(manager, final["step"], layout.abstract_params, layout.abstract_buffers,
+                                      (p_sh, b_sh))
+        finally:
+            manager.close()
+    _, params, buffers = wd.split_model(src.host_model)
     return jax.device_put(params, p_sh), jax.device_put(buffers, b_sh)

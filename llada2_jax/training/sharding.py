@@ -1,15 +1,12 @@
-"""Logical axis names → mesh axes: one rules table, shardings for params, optimizer and batches.
+"""Shardings for params, optimizer state and batches, from the logical axis names on every parameter.
 
-Every model parameter carries `axes=(logical names...)` metadata. `LOGICAL_RULES` lists, per
-logical name, the mesh axes it may be split over, in order of preference. A dimension takes the
-longest prefix of its candidate axes that (a) no other dimension of the same array already uses
-and (b) divides the dimension evenly, so small or odd dimensions (e.g. 4 KV heads on 8-way
-tensor parallelism) quietly stay replicated instead of failing.
+The names and the rules table that maps them onto mesh axes live in `llada2_jax.core.axes`
+(re-exported here); this module applies them to whole NNX states and optax states.
 """
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -17,49 +14,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-# Batch rows are split over every axis that does not shard the model's compute dimensions:
-# the expert axis doubles as data parallelism outside the MoE layers.
-BATCH_AXES = ("data", "fsdp", "expert")
+from llada2_jax.core.axes import BATCH_AXES, LOGICAL_RULES, logical_to_spec
 
-LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": BATCH_AXES,
-    "embed": ("fsdp", "expert"),  # d_model: ZeRO-3 style; expert weights already use `expert`
-    "vocab": ("tensor",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "expert": ("expert",),
-    "head_dim": (),
-    "layers": (),
-    "norm": (),
-}
-
-
-def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int],
-                    mesh_shape: Mapping[str, int], rules: Mapping[str, Sequence[str]] = LOGICAL_RULES) -> P:
-    """The PartitionSpec of one array from its logical axis names (None / missing → replicated)."""
-    if axes is None:
-        return P()
-    if len(axes) != len(shape):
-        raise ValueError(f"logical axes {tuple(axes)} do not match the array rank of shape {tuple(shape)}")
-    used: set[str] = set()
-    spec = []
-    for name, dim in zip(axes, shape):
-        if name is None:
-            spec.append(None)
-            continue
-        if name not in rules:
-            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
-        chosen: list[str] = []
-        for axis in rules[name]:
-            size = mesh_shape.get(axis, 1)
-            if axis in used or dim % (math.prod(mesh_shape.get(a, 1) for a in chosen) * size):
-                break
-            chosen.append(axis)
-        chosen = [a for a in chosen if mesh_shape.get(a, 1) > 1]
-        used.update(chosen)
-        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
-    return P(*spec)
+__all__ = ["BATCH_AXES", "LOGICAL_RULES", "batch_divisor", "batch_spec", "logical_to_spec", "named",
+           "optimizer_specs", "per_device_bytes", "state_specs"]
 
 
 def _is_variable(x) -> bool:

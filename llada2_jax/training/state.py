@@ -1,9 +1,9 @@
 """The train state as plain pytrees: trainable params, buffers, optimizer state and counters.
 
-The model is split once (`nnx.split`) into a static graphdef and two pure dicts: `params`
-(every `nnx.Param`, what the optimizer updates) and `buffers` (every other variable, e.g. the
-MoE `ExpertBias`, updated by its own rule). Inside a jitted step `merge_model` rebuilds a
-module from them, so the step is a pure function of arrays.
+The model is split once (`workdir.split_model`) into a static graphdef and two pure dicts:
+`params` (every `nnx.Param`, what the optimizer updates) and `buffers` (every other variable,
+e.g. the MoE `ExpertBias`, updated by its own rule). Inside a jitted step `workdir.merge_model`
+rebuilds a module from them, so the step is a pure function of arrays.
 """
 from __future__ import annotations
 
@@ -25,16 +25,6 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken in this stage (skipped ones included)
     nonfinite: jax.Array  # int32: total skipped (non-finite) updates
     streak: jax.Array  # int32: consecutive skipped updates ending at `step`
-
-
-def split_model(model: nnx.Module):
-    """(graphdef, params pure dict, buffers pure dict)."""
-    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
-
-
-def merge_model(graphdef, params: dict, buffers: dict) -> nnx.Module:
-    return nnx.merge(graphdef, nnx.State(params), nnx.State(buffers))
 
 
 def decay_mask(param_vars: nnx.State) -> dict:

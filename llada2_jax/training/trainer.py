@@ -1,9 +1,10 @@
 """The one training loop: jitted sharded steps, metrics, evaluation, checkpoints, graceful stop.
 
-A stage (see `stages.py`) supplies what differs between AR pretraining, each WSD phase, SFT, ...:
-its `segments()` (runs of steps sharing one compiled step function, e.g. one per block size),
-`loss(segment, model, batch, rng, step)`, `evaluate(segment, model, batch, rng)`, its data
-iterator and held-out batches. Everything else lives here, once.
+A stage (see `training.stages`) supplies what differs between AR pretraining, each WSD phase,
+SFT, ...: its `segments()` (runs of steps sharing one compiled step function, e.g. one per block
+size), `loss(segment, model, batch, rng, step)`, `evaluate(segment, model, batch, rng)` and its
+data. Everything else lives here, once; `Evaluator` is the held-out half, which merge and the
+final evaluation use without a trainer.
 
 Determinism: the step RNG is `fold_in(base_key, step)` and the Grain iterator state is saved with
 the weights, so a run killed at any point and restarted from its last checkpoint replays exactly
@@ -27,7 +28,8 @@ from llada2_jax.model.moe import update_expert_bias
 from llada2_jax.training import sharding as shd
 from llada2_jax.training.checkpoint import Checkpointer
 from llada2_jax.training.metrics import MetricsLogger, Progress
-from llada2_jax.training.state import TrainState, init_state, merge_model
+from llada2_jax.training.state import TrainState, init_state
+from llada2_jax.workdir import merge_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,45 @@ def _load_balance(expert_load):
     return jnp.mean(jnp.max(expert_load, -1) / jnp.maximum(jnp.mean(expert_load, -1), 1e-9))
 
 
+def device_batch(host_batch: dict, sharding) -> dict:
+    """Host arrays (this process's rows) -> global arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in host_batch.items()}
+
+
+class Evaluator:
+    """A stage's held-out metrics: one jitted evaluation per block size, the same noise every call."""
+
+    def __init__(self, stage, mesh, graphdef, weight_shardings: tuple, base_key):
+        self.stage, self.graphdef, self.base_key = stage, graphdef, base_key
+        self._weight_shardings = weight_shardings
+        self._batch_sharding = NamedSharding(mesh, shd.batch_spec())
+        self._replicated = NamedSharding(mesh, P())
+        self._compiled: dict[int, Any] = {}
+
+    def _eval_fn(self, segment: Segment):
+        stage, graphdef = self.stage, self.graphdef
+
+        def eval_fn(params, buffers, batch, key):
+            return stage.evaluate(segment, merge_model(graphdef, params, buffers), batch, key)
+
+        return jax.jit(eval_fn, in_shardings=(*self._weight_shardings, self._batch_sharding, self._replicated),
+                       out_shardings=self._replicated)
+
+    def __call__(self, params, buffers, segment: Segment, heldout: list) -> dict:
+        """Held-out metrics averaged over the fixed held-out batches."""
+        if segment.block_size not in self._compiled:  # warm-up and stable at L share one function
+            self._compiled[segment.block_size] = self._eval_fn(segment)
+        fn = self._compiled[segment.block_size]
+        eval_key = jax.random.fold_in(self.base_key, 0x5EED)
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(heldout):
+            out = jax.device_get(fn(params, buffers, device_batch(batch, self._batch_sharding),
+                                    jax.random.fold_in(eval_key, i)))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return self.stage.summarize_eval(sums)
+
+
 class Trainer:
     """Runs one training stage to completion (or until SIGTERM)."""
 
@@ -106,7 +147,7 @@ class Trainer:
         self.segments = stage.segments()
         self.total_steps = sum(s.steps for s in self.segments)
         self._steps: dict[int, Any] = {}  # compiled per block size
-        self._evals: dict[int, Any] = {}
+        self.evaluate = Evaluator(stage, mesh, graphdef, (shardings.params, shardings.buffers), base_key)
         divisor = shd.batch_divisor(dict(mesh.shape))
         if settings.batch_size % (divisor * settings.grad_accum):
             raise ValueError(f"train.batch_size={settings.batch_size} must be a multiple of "
@@ -178,26 +219,13 @@ class Trainer:
         return jax.jit(step_fn, in_shardings=(self.shardings, self._batch_sharding, self._replicated),
                        out_shardings=(self.shardings, self._replicated), donate_argnums=(0,))
 
-    def _eval_fn(self, segment: Segment):
-        stage, graphdef = self.stage, self.graphdef
-
-        def eval_fn(params, buffers, batch, key):
-            return stage.evaluate(segment, merge_model(graphdef, params, buffers), batch, key)
-
-        return jax.jit(eval_fn, in_shardings=(self.shardings.params, self.shardings.buffers,
-                                              self._batch_sharding, self._replicated),
-                       out_shardings=self._replicated)
-
-    def _compiled(self, cache, make, segment):
-        """One compiled function per block size (e.g. warm-up and stable at L share it)."""
-        if segment.block_size not in cache:
-            cache[segment.block_size] = make(segment)
-        return cache[segment.block_size]
+    def _step_for(self, segment: Segment):
+        """One compiled step per block size (e.g. warm-up and stable at L share it)."""
+        if segment.block_size not in self._steps:
+            self._steps[segment.block_size] = self._train_step_fn(segment)
+        return self._steps[segment.block_size]
 
     # ---------------- helpers ----------------
-    def _device_batch(self, host_batch: dict):
-        return {k: jax.make_array_from_process_local_data(self._batch_sharding, np.asarray(v))
-                for k, v in host_batch.items()}
 
     def segment_at(self, step: int) -> tuple[int, Segment]:
         end = 0
@@ -209,18 +237,6 @@ class Trainer:
 
     def _segment_end(self, index: int) -> int:
         return sum(s.steps for s in self.segments[:index + 1])
-
-    def evaluate(self, params, buffers, segment: Segment, heldout: list) -> dict:
-        """Held-out metrics averaged over the fixed held-out batches (same noise every call)."""
-        fn = self._compiled(self._evals, self._eval_fn, segment)
-        eval_key = jax.random.fold_in(self.base_key, 0x5EED)
-        sums: dict[str, float] = {}
-        for i, batch in enumerate(heldout):
-            out = jax.device_get(fn(params, buffers, self._device_batch(batch),
-                                    jax.random.fold_in(eval_key, i)))
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        return self.stage.summarize_eval(sums)
 
     def _meta(self, state_step: int) -> dict:
         _, seg = self.segment_at(max(state_step - 1, 0))
@@ -261,8 +277,8 @@ class Trainer:
                         self._log_eval(state, segment, heldout, step, prefix="eval_start_")
                     host_batch = next(data_iterator)
                     window_tokens += int(np.sum(host_batch["segment_ids"] > 0))
-                    fn = self._compiled(self._steps, self._train_step_fn, segment)
-                    state, out = fn(state, self._device_batch(host_batch), self.base_key)
+                    fn = self._step_for(segment)
+                    state, out = fn(state, device_batch(host_batch, self._batch_sharding), self.base_key)
                     if pending is not None:
                         self._check_finite(pending)
                     pending = out

@@ -1,9 +1,13 @@
-"""Start-up checks of a run config: every impossible setting fails before any work, naming its field."""
+"""Start-up handling of a run config: `resolve_config` derives what follows from other fields
+(returning a new config), then `validate_config` checks it without changing it; every impossible
+setting fails before any work, naming its field."""
 from __future__ import annotations
 
 import os
 
+from llada2_jax import workdir as wd
 from llada2_jax.data import corpora
+from llada2_jax.model.config import check_runtime
 from llada2_jax.training import mesh as mesh_lib
 from llada2_jax.training import model_source as ms
 from llada2_jax.training import sharding as shd
@@ -11,6 +15,29 @@ from llada2_jax.training import stages as stages_lib
 
 _POSITIVE_TRAIN_FIELDS = ("batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
                           "max_nonfinite_streak", "eval_batch_size")
+
+
+def _check_init_from(init_from: str) -> None:
+    if not os.path.isdir(os.path.join(init_from, wd.TOKENIZER_DIR)) or wd.load_model_config(init_from) is None:
+        raise ValueError(f"init_from={init_from!r} is not a finished run workdir (needs {wd.TOKENIZER_DIR}/ and "
+                         f"{wd.MODEL_CONFIG_FILE})")
+
+
+def resolve_config(config):
+    """A copy of `config` with `init_from` applied; `config` itself is left as it is.
+
+    `init_from = DIR` (an earlier run's workdir) means model.source `workdir:DIR` and the tokenizer
+    saved in DIR/tokenizer; "" (or no such field) leaves `model.source` and `tokenizer` as configured.
+    """
+    resolved = config.copy_and_resolve_references()
+    init_from = resolved.get("init_from", "")
+    if init_from:
+        _check_init_from(init_from)
+        with resolved.unlocked():
+            resolved.model.source = f"workdir:{init_from}"
+            resolved.tokenizer.kind = "dir"
+            resolved.tokenizer.path = os.path.join(init_from, wd.TOKENIZER_DIR)
+    return resolved
 
 
 def _stage_names(config) -> list[str]:
@@ -68,9 +95,16 @@ def _check_data(config) -> None:
 
 
 def _check_model(config) -> None:
+    check_runtime(dict(config.model.runtime), "model.runtime.")
     kind, arg = ms.parse_source(config.model.source)
     if kind in ("hf", "workdir") and not os.path.isdir(arg):
         raise ValueError(f"model.source={config.model.source!r}: directory {arg!r} does not exist")
+    if kind == "hf" and not os.path.isfile(os.path.join(arg, "config.json")):
+        raise ValueError(f"model.source={config.model.source!r}: {arg!r} holds no config.json (expected an HF "
+                         "checkpoint directory: config.json + *.safetensors)")
+    if kind == "workdir" and wd.load_model_config(arg) is None:
+        raise ValueError(f"model.source={config.model.source!r}: {arg!r} holds no {wd.MODEL_CONFIG_FILE} "
+                         "(expected a run workdir)")
     if kind == "gguf" and arg != "smollm2" and not os.path.exists(arg):
         raise ValueError(f"model.source={config.model.source!r}: file {arg!r} does not exist")
     if kind != "init":
@@ -94,15 +128,14 @@ def _check_tokenizer(config) -> None:
 
 
 def validate_config(config, num_devices: int) -> None:
-    """Raise ValueError (naming the field) for the first impossible setting found."""
+    """Raise ValueError (naming the field) for the first impossible setting found; `config` is not changed."""
     names = _stage_names(config)
     _check_tokenizer(config)
     _check_data(config)
     _check_model(config)
     _check_optimizer(config)
     _check_train(config, num_devices)
+    if config.get("init_from", ""):
+        _check_init_from(config.init_from)
     for name in names:
-        stages_lib.get_stage(name).validate(config)
-    if "merge" in names and config.merge.top_k > config.train.keep_checkpoints:
-        raise ValueError(f"merge.top_k={config.merge.top_k} exceeds train.keep_checkpoints="
-                         f"{config.train.keep_checkpoints} (the merge candidates)")
+        stages_lib.get_stage(name).validate(config, name)

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import tilemap
-from llada2_jax.diffusion.masks import CLEAN, NOISY, MaskSpec, allowed
+from llada2_jax.core.masks import CLEAN, NOISY, MaskSpec, allowed
+from llada2_jax.ops.reference import xla_attention
 
 DEFAULT_BLOCK = 64  # 2-core CPU, L = 2048: 64 is as fast as 128 and skips within 1.2 points of the true sparsity
 
@@ -98,7 +99,6 @@ def _traced_budget(rule: str, t: int, s: int, bq: int, bk: int) -> int:
 
 
 def _dense(q, k, v, spec, scale):
-    from llada2_jax.ops.attention import xla_attention
     return xla_attention(q, k, v, spec.dense(), scale=scale)
 
 
@@ -164,7 +164,7 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 def _to_rows(x, bq, hkv):
     """(B, T, Hq, D) -> (B, nq, Hkv, g*bq, D): the g query heads of a kv head stacked per tile, so
-    every tile pair is one plain matmul per kv head (as in ops.xla_attention)."""
+    every tile pair is one plain matmul per kv head (as in ops.reference.xla_attention)."""
     b, t, hq, d = x.shape
     nq, g = -(-t // bq), hq // hkv
     x = jnp.pad(x, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))

@@ -1,4 +1,4 @@
-"""Shared defaults of every experiment; each experiments/*.py starts from `base_config()`.
+"""Shared defaults of every experiment; each preset in this package starts from `base_config()`.
 
 Sections: mesh, model (source + arch + runtime), tokenizer, data, train, optimizer, and one
 section per stage (`ar_pretrain`, `wsd`, `merge`, `eval`). `config.stages` chains stage names.
@@ -6,6 +6,8 @@ section per stage (`ar_pretrain`, `wsd`, `merge`, `eval`). `config.stages` chain
 `--config.dry_run=True` plans the run abstractly instead of training.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import ml_collections
 
@@ -58,3 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(block_size=32, num_samples=3, prompt_length=32, gen_length=64,
                                             threshold=0.9))
     return c
+
+
+def select(size: str, stage: str, builders: dict[str, Callable[[], ml_collections.ConfigDict]]):
+    """`builders[stage]()`; an unknown stage names the valid ones (`--config=experiments/<size>.py:<stage>`)."""
+    if stage not in builders:
+        raise ValueError(f"experiments/{size}.py has no stage {stage!r}; expected one of {', '.join(builders)}")
+    return builders[stage]()

@@ -1,12 +1,12 @@
-"""The `dpo` training stage (spec §8): diffusion DPO against a frozen copy of the starting model.
+"""The `dpo` stage (spec §8): diffusion DPO against a frozen copy of the starting model.
 
 The frozen reference lives in the train state's *buffers*: the trained module is a
 `PolicyAndReference` whose `reference` variables are `FrozenWeight`s (not `nnx.Param`), so the
 optimizer never sees them, they carry the same logical axes (hence the same sharding) as the
 policy, and they are checkpointed with the state (a resumed run keeps the same reference). The
-one `Trainer` runs unchanged; only the layout it is given differs. When the stage ends, the policy
-alone is saved as a plain model checkpoint (`checkpoints/dpo_policy/`), which becomes the run's
-output, so `workdir:` sources and evaluation read it like any other stage's output.
+one training loop runs unchanged; only the layout it is given differs. When the stage ends, the
+policy alone is saved as a plain model checkpoint (`checkpoints/dpo_policy/`), which becomes the
+run's output, so `workdir:` sources and evaluation read it like any other stage's output.
 
 Config section `config.dpo`: data ("gsm8k" = the synthetic GSM8K pairs of `data.preference`, or a
 `{"prompt", "chosen", "rejected"}` jsonl path), heldout_size, steps, beta, block_size, t_min,
@@ -22,18 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from llada2_jax.data import preference
 from llada2_jax.model.transformer import Transformer
 from llada2_jax.training import model_source as ms
-from llada2_jax.training import posttrain
+from llada2_jax.training import objectives
 from llada2_jax.training import sharding as shd
 from llada2_jax.training.checkpoint import Checkpointer
-from llada2_jax.training.stage_sft import GSM8K, PostTrainStage, check_common, noise_config, validate_noise
-from llada2_jax.training.stages import register
-from llada2_jax.training.state import TrainState, decay_mask, init_state, make_optimizer
-from llada2_jax.training.trainer import Trainer
+from llada2_jax.training.stages.base import StageData
+from llada2_jax.training.stages.sft import GSM8K, PostTrainStage, check_noise
 
 POLICY_DIR = "dpo_policy"
 
@@ -95,25 +92,17 @@ def split_policy(params: dict, buffers: dict) -> tuple[dict, dict]:
     return params["policy"], buffers.get("policy", {})
 
 
-@register("dpo")
 class DPO(PostTrainStage):
 
     @classmethod
-    def validate(cls, config) -> None:
-        check_common(config, "dpo")
-        validate_noise(config, "dpo", complementary=False, beta=config.dpo.beta)
-
-    def noise(self) -> posttrain.NoiseConfig:
-        return noise_config(self, complementary=False, beta=self.cfg.beta)
-
-    def init_workdir(self) -> str | None:
-        kind, arg = ms.parse_source(self.ctx.config.model.source)
-        return arg if kind == "workdir" else None
+    def validate(cls, config, name) -> None:
+        super().validate(config, name)
+        check_noise(config, name, complementary=False, beta=config[name].beta)
 
     def peak_lr(self) -> float:
         """The previous stage's final rate (spec §8) when logged and positive, else `dpo.lr`."""
-        source = self.init_workdir()
-        lr = posttrain.final_lr(source) if self.cfg.lr_from_init and source else None
+        source = self.ctx.init_workdir
+        lr = objectives.final_lr(source) if self.cfg.lr_from_init and source else None
         return lr if lr else self.cfg.lr
 
     # ---------------- data ----------------
@@ -121,37 +110,30 @@ class DPO(PostTrainStage):
         cfg = self.cfg
         if cfg.data == GSM8K:
             return preference.gsm8k_preference_pairs(cfg.get("data_path") or None, split=split,
-                                                     heldout_size=cfg.heldout_size, seed=self.ctx.config.seed)
-        pairs = preference.read_preference_pairs(cfg.data)
-        cut = len(pairs) - cfg.heldout_size
-        if cut <= 0:
-            raise ValueError(f"dpo.heldout_size={cfg.heldout_size} leaves no training pair in {cfg.data}")
-        return pairs[:cut] if split == "train" else pairs[cut:]
+                                                     heldout_size=cfg.heldout_size, seed=self.ctx.seed)
+        return self.split_records(preference.read_preference_pairs(cfg.data), split, "pair")
 
-    def _dataset(self, split, batch_size, seed, num_epochs):
-        data = preference.preference_dataset(
-            self.pairs(split), self.ctx.tokenizer, seq_len=self.ctx.config.data.seq_len, batch_size=batch_size,
+    def dataset(self, split, batch_size, seed, num_epochs):
+        data = self.ctx.data
+        out = preference.preference_dataset(
+            self.pairs(split), data.tokenizer, seq_len=data.seq_len, batch_size=batch_size,
             block_size=self.cfg.block_size, seed=seed, num_epochs=num_epochs, shard_index=jax.process_index(),
             shard_count=jax.process_count())
         # The trainer counts tokens per second from `segment_ids`: give it both sides' ids.
-        ds = data.dataset.map(lambda b: {**b, "segment_ids": np.concatenate(
+        ds = out.dataset.map(lambda b: {**b, "segment_ids": np.concatenate(
             [b["chosen_segment_ids"], b["rejected_segment_ids"]], axis=-1)})
-        return preference.PreferenceData(ds, data.num_pairs, data.num_dropped)
-
-    def train_data(self, seed):
-        return self._dataset("train", self.per_process(self.ctx.config.train.batch_size), seed, None)
-
-    def heldout_data(self, batch_size):
-        return self._dataset("heldout", batch_size, 0, 1)
+        return StageData(ds, {"num_pairs": out.num_pairs, "num_dropped": out.num_dropped})
 
     # ---------------- objective ----------------
     def loss(self, segment, model, batch, rng, step):
-        loss, metrics = posttrain.dpo_loss(model.policy, model.reference, batch, rng, self.noise())
+        noise = self.noise(segment, complementary=False, beta=self.cfg.beta)
+        loss, metrics = objectives.dpo_loss(model.policy, model.reference, batch, rng, noise)
         return loss, {k: v for k, v in metrics.items() if k != "loss"}
 
     def evaluate(self, segment, model, batch, rng):
         """Held-out DPO loss, reward margin and accuracy (fixed noise per batch)."""
-        _, m = posttrain.dpo_loss(model.policy, model.reference, batch, rng, self.noise())
+        noise = self.noise(segment, complementary=False, beta=self.cfg.beta)
+        _, m = objectives.dpo_loss(model.policy, model.reference, batch, rng, noise)
         n = jnp.asarray(batch["chosen_tokens"].shape[0], jnp.float32)
         return {"pairs": n, **{k: m[k] * n for k in ("loss", "reward_margin", "reward_accuracy", "elbo_margin")}}
 
@@ -159,39 +141,21 @@ class DPO(PostTrainStage):
         n = max(sums.pop("pairs"), 1.0)
         return {f"dpo_{k}": v / n for k, v in sums.items()}
 
-    # ---------------- trainer on the policy/reference layout ----------------
-    def make_trainer(self) -> Trainer:
-        ctx = self.ctx
-        layout = pair_layout(ctx.model_config, dict(ctx.mesh.shape))
-        opt = ctx.config.optimizer
-        schedule = self.schedule(self.cfg.steps)
-        tx = make_optimizer(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                            grad_clip=opt.grad_clip, mask=decay_mask(layout.param_vars))
-        abstract = jax.eval_shape(lambda p, b: init_state(p, b, tx), layout.abstract_params, layout.abstract_buffers)
-        specs = TrainState(layout.param_specs, layout.buffer_specs,
-                           shd.optimizer_specs(tx, abstract.opt_state, layout.param_specs), P(), P(), P())
-        shardings = shd.named(specs, ctx.mesh)
-        settings = ctx._settings()
+    # ---------------- the policy/reference pair ----------------
+    def model_layout(self) -> ms.ModelLayout:
+        return pair_layout(self.ctx.model_config, dict(self.ctx.mesh.shape))
 
-        def init_weights():
-            # eager (not jitted), so the copy really is a second buffer with the same sharding
-            return pair_weights(*ctx._initial_weights(), layout)
+    def initial_weights(self) -> tuple[dict, dict]:
+        # eager (not jitted), so the copy really is a second buffer with the same sharding
+        return pair_weights(*self.ctx.init_weights(), self.model_layout())
 
-        return Trainer(stage=self, mesh=ctx.mesh, graphdef=layout.graphdef, shardings=shardings, tx=tx,
-                       schedule=schedule, settings=settings,
-                       checkpointer=Checkpointer(ctx.checkpoint_dir(self.name), settings.keep_checkpoints,
-                                                 async_save=settings.async_checkpoints),
-                       logger=ctx.logger, base_key=ctx.stage_key(self.name), init_weights=init_weights,
-                       abstract_weights=(layout.abstract_params, layout.abstract_buffers))
-
-    def finish(self, state) -> None:
-        """Save the policy alone as a plain model checkpoint and make it the run's output."""
-        ctx = self.ctx
+    def save_output(self, state) -> tuple[str, int]:
+        """Save the policy alone as a plain model checkpoint: the run's output."""
         step = int(state.step)
         params, buffers = split_policy(state.params, state.buffers)
-        out = Checkpointer(os.path.join(ctx.workdir, "checkpoints", POLICY_DIR), keep=1, async_save=False)
+        directory = os.path.join(self.ctx.paths.workdir, "checkpoints", POLICY_DIR)
+        out = Checkpointer(directory, keep=1, async_save=False)
         out.save_model(step, params, buffers, {"stage": self.name, "step": step})
         out.wait()
         out.close()
-        ms.write_final(ctx.workdir, ctx.completed() + [self.name], os.path.join(ctx.workdir, "checkpoints", POLICY_DIR),
-                       step)
+        return directory, step

@@ -1,6 +1,6 @@
 """Post-training objectives (spec §6–§8): block-diffusion SFT, CAP and diffusion DPO.
 
-Pure functions of (model, batch arrays, rng); the trainer's stage adapters call them inside the
+Pure functions of (model, batch arrays, rng); the sft, cap and dpo stages call them inside the
 jitted step. Batches come from `data.sft` (keys `tokens, segment_ids, positions, loss_mask`, where
 `loss_mask` marks response tokens incl. their EOS padding) and `data.preference` (the same keys
 prefixed `chosen_` / `rejected_`, one sample per row).

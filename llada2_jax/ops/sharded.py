@@ -1,11 +1,11 @@
-"""Kernel attention on a multi-device mesh: `shard_map` around `dispatch.attention`.
+"""Per-device backends on a multi-device mesh: `shard_map` around a kernel.
 
 A `pallas_call` (and the data-dependent tile lists of "xla_sparse") is per-device: XLA cannot
 partition it, so under a sharded jit it would gather q/k/v onto every device. Attention is
 independent per batch row and per kv-head group, so each device can run the kernel on its own
-rows and heads: batch over the batch axes (as `llada2_jax.training.sharding.batch_spec` lays
-out the data), heads over "tensor" when both head counts divide, MaskSpec features like q's
-batch. Sequence dimensions are never split.
+rows and heads: batch over the batch axes (as the trainer lays out the data, `core.axes`),
+heads over the head axis when both head counts divide, MaskSpec features like q's batch.
+Sequence dimensions are never split.
 
 The mesh comes from the context (`jax.set_mesh(mesh)` / `jax.sharding.use_abstract_mesh`) or,
 failing that, from q's own sharding (arrays placed with a NamedSharding carry their mesh through
@@ -13,18 +13,11 @@ jit). Without a multi-device mesh, or inside a caller's shard_map, the kernel is
 """
 from __future__ import annotations
 
-import math
-
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
 
-from kernels_pallas import dispatch
-from llada2_jax.diffusion.masks import MaskSpec
-
-# Mirrors llada2_jax.training.sharding.BATCH_AXES / LOGICAL_RULES["heads"] (not imported: that
-# module pulls flax/optax, and kernels_pallas stays importable with jax alone). A test checks it.
-BATCH_AXES = ("data", "fsdp", "expert")
-HEAD_AXIS = "tensor"
+from llada2_jax.core import axes
+from llada2_jax.core.masks import MaskSpec
 
 
 def ambient_mesh(x=None):
@@ -41,31 +34,22 @@ def ambient_mesh(x=None):
 
 
 def batch_axes(mesh, batch: int) -> tuple[str, ...]:
-    """The mesh axes that split `batch` rows: the longest prefix of BATCH_AXES (present in the mesh)
-    whose size product divides it, the same rule as training.sharding, so a batch laid out by the
-    trainer is not moved."""
-    present = [a for a in BATCH_AXES if a in mesh.shape]
-    for i in range(len(present), 0, -1):
-        if batch % math.prod(mesh.shape[a] for a in present[:i]) == 0:
-            return tuple(present[:i])
-    return ()
+    """The mesh axes that split `batch` rows, by the trainer's rule, so its batches are not moved."""
+    return axes.batch_axes(mesh.shape, batch)
 
 
 def partition(mesh, batch: int, hq: int, hkv: int):
     """(batch axes, head axis or None) for this mesh and these sizes."""
-    tensor = mesh.shape.get(HEAD_AXIS, 1)
-    head_axis = HEAD_AXIS if tensor > 1 and hq % tensor == 0 and hkv % tensor == 0 else None
+    tensor = mesh.shape.get(axes.HEAD_AXIS, 1)
+    head_axis = axes.HEAD_AXIS if tensor > 1 and hq % tensor == 0 and hkv % tensor == 0 else None
     return batch_axes(mesh, batch), head_axis
 
 
-def attention(q, k, v, spec: MaskSpec, impl: str = "xla_sparse", scale: float | None = None,
-              interpret: bool | None = None, mesh=None):
-    """`dispatch.attention`, run per shard under the ambient mesh (or `mesh`) when there is one."""
+def attention(kernel, q, k, v, spec: MaskSpec, mesh=None):
+    """`kernel(q, k, v, spec)` run per shard under the ambient mesh (or `mesh`) when there is one."""
     mesh = ambient_mesh(q) if mesh is None else mesh
-    call = lambda q, k, v, spec: dispatch.attention(  # noqa: E731
-        q, k, v, spec, impl=impl, scale=scale, interpret=interpret)
     if mesh is None:
-        return call(q, k, v, spec)
+        return kernel(q, k, v, spec)
     # Even with nothing to split (all specs replicated) the shard_map stays: on TPU a Mosaic kernel
     # on a multi-device mesh only lowers inside one.
     rows, head_axis = partition(mesh, q.shape[0], q.shape[2], k.shape[2])
@@ -75,5 +59,5 @@ def attention(q, k, v, spec: MaskSpec, impl: str = "xla_sparse", scale: float | 
     spec_specs = MaskSpec(feat, feat, feat, feat, feat, feat, spec.rule)
     # check_vma=False: pallas_call outputs carry no varying-axes type; every output is replicated
     # over the axes its spec leaves out, because the inputs are.
-    return jax.shard_map(call, mesh=mesh, in_specs=(qkv, qkv, qkv, spec_specs), out_specs=qkv,
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, spec_specs), out_specs=qkv,
                          check_vma=False)(q, k, v, spec)

@@ -1,0 +1,67 @@
+"""The real SmolLM2-135M (GGUF of assets.md, plus an added `[MASK]` id): WSD conversion, then SFT, CAP, DPO.
+
+Corpus: the CPython stdlib, plus the Python docs when `python3.11-doc` is installed. A full WSD
+step on 4 x 256 tokens takes ~10-15 s on 2 CPU cores (assets.md), so the default budget is for
+an accelerator; `--config.smoke=True` keeps the real model but runs a handful of short steps.
+Post-training uses the spec's hyper-parameters (block 32, t ~ U[0.3, 0.8], AdamW(0.9, 0.999),
+wd 0.1, clip 1.0, cosine) with sequence length 512 and batch 4 to fit a CPU; each stage starts
+by default from `/tmp/smollm2_<previous stage>`.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from llada2_jax.configs.base import base_config, select
+from llada2_jax.configs.posttrain import PREVIOUS, posttrain_config, smoke_sizes, stage_overrides
+
+PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources"
+
+
+def wsd() -> ml_collections.ConfigDict:
+    c = base_config()
+    c.stages = "wsd,merge,eval"
+    c.model.source = "gguf:smollm2"  # add_mask_token appends id 49152
+    c.tokenizer.kind = "smollm2"
+    c.data.corpora = "stdlib,python_docs" if os.path.isdir(PYTHON_DOCS) else "stdlib"
+    c.data.seq_len = 256
+    c.train.update(dict(batch_size=8, log_every=10, eval_every=100, eval_batches=4, eval_batch_size=8,
+                        checkpoint_every=100, keep_checkpoints=4))
+    c.wsd.update(dict(warmup_sizes=(1, 4, 32, 64), decay_min=32, steps_per_warmup=100, stable_steps=1000,
+                      steps_per_decay=100, lr=3e-5, warmup_steps=20, noise_steps=200))
+    c.eval.update(dict(block_size=32, num_samples=3, prompt_length=32, gen_length=64))
+    c.smoke_overrides = (
+        ("data.seq_len", 64), ("data.max_bytes", 300_000), ("data.heldout_fraction", 0.05),
+        ("train.batch_size", 1), ("train.eval_batch_size", 1), ("train.eval_batches", 1), ("train.eval_every", 0),
+        ("train.log_every", 1), ("train.checkpoint_every", 2), ("train.keep_checkpoints", 2),
+        ("wsd.warmup_sizes", (1, 4)), ("wsd.decay_min", 32), ("wsd.steps_per_warmup", 1), ("wsd.stable_steps", 1),
+        ("wsd.steps_per_decay", 1), ("wsd.warmup_steps", 1), ("wsd.noise_steps", 2), ("merge.top_k", 2),
+        ("eval.block_size", 32), ("eval.num_samples", 1), ("eval.prompt_length", 16), ("eval.gen_length", 32))
+    return c
+
+
+def _posttrain(stage: str, stage_fields: dict) -> ml_collections.ConfigDict:
+    c = posttrain_config(stage, f"/tmp/smollm2_{PREVIOUS[stage]}")
+    c.data.seq_len = 512
+    c.train.update(dict(batch_size=4, eval_batch_size=4, eval_batches=4, log_every=10, checkpoint_every=50,
+                        keep_checkpoints=2))
+    c[stage].update(stage_fields)
+    c.smoke_overrides = smoke_sizes(1) + stage_overrides(stage, [("steps", 2), ("eval_samples", 1)])
+    return c
+
+
+def sft() -> ml_collections.ConfigDict:
+    return _posttrain("sft", dict(steps=200, lr=2e-5, lr_min=2e-6))
+
+
+def cap() -> ml_collections.ConfigDict:
+    return _posttrain("cap", dict(steps=100, lr=1e-5, lr_min=1e-6, cap_weight=2.0))
+
+
+def dpo() -> ml_collections.ConfigDict:
+    return _posttrain("dpo", dict(steps=100, lr=1e-6, beta=0.1))
+
+
+def get_config(stage: str = "wsd") -> ml_collections.ConfigDict:
+    return select("smollm2", stage, dict(wsd=wsd, sft=sft, cap=cap, dpo=dpo))
