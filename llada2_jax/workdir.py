@@ -76,8 +76,8 @@ def write_final(workdir: str, completed: list[str], checkpoint_dir: str, step: i
     if jax.process_index() == 0:
         tmp = os.path.join(workdir, FINAL_FILE + ".tmp")
         with open(tmp, "w") as f:
-            json.dump({"completed": completed, "checkpoint_dir": os.path.abspath(checkpoint_dir),
-                       "step": step}, f, indent=1)
+            directory = os.path.abspath(checkpoint_dir) if checkpoint_dir else ""  # "": no output yet
+            json.dump({"completed": completed, "checkpoint_dir": directory, "step": step}, f, indent=1)
         os.replace(tmp, os.path.join(workdir, FINAL_FILE))
 
 
@@ -134,9 +134,9 @@ def weights_location(workdir: str, stage: str | None = None) -> tuple[str, int |
         raise ValueError(f"workdir {workdir!r} does not exist")
     if stage is None:
         final = read_final(workdir)
-        if final is None:
-            raise ValueError(f"workdir {workdir!r}: {FINAL_FILE} not found: the run has not finished a stage yet "
-                             "(or name a stage)")
+        if final is None or not final["checkpoint_dir"]:
+            raise ValueError(f"workdir {workdir!r}: no output in {FINAL_FILE}: the run has not finished a stage "
+                             "yet (or name a stage)")
         return final["checkpoint_dir"], final["step"]
     directory = os.path.join(workdir, "checkpoints", stage)
     if not os.path.isdir(directory):

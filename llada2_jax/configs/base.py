@@ -37,12 +37,16 @@ def base_config() -> ml_collections.ConfigDict:
         vocab_size=4096, train_max_bytes=4_000_000, path=""))
 
     c.data = ml_collections.ConfigDict(dict(
-        corpora="stdlib",  # comma-separated corpus names or paths (see data.corpora)
+        corpora="stdlib",  # comma-separated corpus names or paths (see data.corpora), or "gym"
         seq_len=256, heldout_fraction=0.01, max_bytes=0, align_to_block=0))
+    # reasoning-gym task items (data.gym_tasks): the corpus "gym" and the post-training data "gym"
+    c.gym = ml_collections.ConfigDict(dict(
+        tasks="word_sequence_reversal,rotate_matrix", seed=0, train_items=2000, heldout_items=64))
 
     c.train = ml_collections.ConfigDict(dict(
         batch_size=8, grad_accum=1, log_every=10, eval_every=0, eval_batches=4, eval_batch_size=8,
         checkpoint_every=100, keep_checkpoints=3, max_nonfinite_streak=10,
+        frozen_layers=0,  # >0: train only the layers above the bottom N (no backward pass through them)
         stop_after_steps=0))  # >0: save and exit 0 after this many steps (time-limited job slots)
 
     c.optimizer = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))
@@ -59,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict(dict(block_size=32, num_samples=3, prompt_length=32, gen_length=64,
                                             threshold=0.9))
+
+    # the `compare` stage: every trained stage of the run decoded on held-out `gym` items
+    c.compare = ml_collections.ConfigDict(dict(count=200, seed=0, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95),
+                                               gen_length=64, batch_size=8, speed_items=8))
     return c
 
 

@@ -18,11 +18,14 @@ STAGES = ("sft", "cap", "dpo")
 PREVIOUS = {"sft": "wsd", "cap": "sft", "dpo": "cap"}  # the run each stage starts from
 
 
-def _sft_section(**kw) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
+def posttrain_section(**overrides) -> ml_collections.ConfigDict:
+    """An `sft`-shaped stage section (also `cap`, `ar_sft`): the spec's defaults, then `overrides`."""
+    c = ml_collections.ConfigDict(dict(
         data="gsm8k", data_path="", heldout_size=256, steps=100, lr=1e-5, lr_min=1e-6, warmup_ratio=0.03,
         lr_schedule="cosine", block_size=32, t_min=0.3, t_max=0.8, weighting="elbo", complementary=True,
-        eval_samples=2, **kw))
+        eval_samples=2))
+    c.update(overrides)
+    return c
 
 
 def posttrain_config(stage: str, init_from: str) -> ml_collections.ConfigDict:
@@ -33,8 +36,8 @@ def posttrain_config(stage: str, init_from: str) -> ml_collections.ConfigDict:
     c.stages = stage
     c.init_from = init_from
     c.optimizer.update(dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, grad_clip=1.0))
-    c.sft = _sft_section()
-    c.cap = _sft_section(cap_weight=2.0)
+    c.sft = posttrain_section()
+    c.cap = posttrain_section(cap_weight=2.0)
     c.dpo = ml_collections.ConfigDict(dict(
         data="gsm8k", data_path="", heldout_size=256, steps=100, beta=0.1, block_size=32, t_min=0.3, t_max=0.8,
         lr=1e-5, lr_from_init=True, lr_min=0.0, warmup_ratio=0.0, lr_schedule="constant", eval_samples=1))

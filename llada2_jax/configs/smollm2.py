@@ -14,7 +14,8 @@ import os
 import ml_collections
 
 from llada2_jax.configs.base import base_config, select
-from llada2_jax.configs.posttrain import PREVIOUS, posttrain_config, smoke_sizes, stage_overrides
+from llada2_jax.configs.posttrain import (PREVIOUS, posttrain_config, posttrain_section, smoke_sizes,
+                                          stage_overrides)
 
 PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources"
 
@@ -63,5 +64,42 @@ def dpo() -> ml_collections.ConfigDict:
     return _posttrain("dpo", dict(steps=100, lr=1e-6, beta=0.1))
 
 
+def convert() -> ml_collections.ConfigDict:
+    """The real conversion and its AR twin in one run, on reasoning-gym tasks (docs/DECISIONS.md).
+
+    wsd (ladder 1 -> 4 -> 32 -> 64 | MDLM at 512 | 256 -> ... -> 16) -> sft -> cap on the task chats,
+    ar_sft (the AR twin: the same GGUF, next-token SFT on the same chats for as many data tokens
+    as wsd + sft + cap together), then `compare` decodes every stage on 200 held-out items. Only
+    the top 10 of the 30 layers train (`train.frozen_layers`), in both models, to fit a CPU.
+    """
+    c = base_config()
+    c.stages = "wsd,sft,cap,ar_sft,compare"
+    c.model.source = "gguf:smollm2"
+    c.tokenizer.kind = "smollm2"
+    c.data.update(dict(corpora="gym", seq_len=512))
+    c.gym.update(dict(tasks="word_sequence_reversal,rotate_matrix", seed=0, train_items=3000, heldout_items=32))
+    c.train.update(dict(batch_size=4, log_every=2, eval_batches=1, eval_batch_size=4, checkpoint_every=10,
+                        keep_checkpoints=1, frozen_layers=20))
+    c.optimizer.update(dict(b1=0.9, b2=0.999, weight_decay=0.1, grad_clip=1.0))
+    # masked_mean in WSD: with 4 rows per step the 1/t ELBO weights make the loss too noisy to use
+    c.wsd.update(dict(warmup_sizes=(1, 4, 32, 64), decay_min=16, steps_per_warmup=3, stable_steps=10,
+                      steps_per_decay=3, lr=1e-4, warmup_steps=3, lr_schedule="constant", weighting="masked_mean",
+                      noise_steps=10, eval_samples=1))
+    c.sft = posttrain_section(steps=60, lr=1e-4, lr_min=1e-5, block_size=16, complementary=False, data="gym",
+                              eval_samples=1)
+    c.cap = posttrain_section(steps=30, lr=5e-5, lr_min=5e-6, block_size=16, complementary=False, data="gym",
+                              eval_samples=1, cap_weight=2.0)
+    c.ar_sft = posttrain_section(steps=0, lr=1e-4, lr_min=1e-5, block_size=16, data="gym")  # 0: the chain's steps
+    c.compare.update(dict(count=200, gen_length=64, batch_size=8, speed_items=8))
+    c.smoke_overrides = (
+        ("gym.train_items", 32), ("gym.heldout_items", 4), ("data.seq_len", 256), ("train.log_every", 1),
+        ("train.checkpoint_every", 2), ("wsd.warmup_sizes", (1, 4)), ("wsd.steps_per_warmup", 1),
+        ("wsd.stable_steps", 1), ("wsd.steps_per_decay", 1), ("wsd.decay_min", 64), ("wsd.warmup_steps", 1),
+        ("wsd.noise_steps", 1), ("sft.steps", 1), ("cap.steps", 1),
+        ("compare.count", 2), ("compare.thresholds", (0.9,)), ("compare.speed_items", 1),
+        ("compare.gen_length", 32), ("sft.block_size", 64), ("cap.block_size", 64), ("ar_sft.block_size", 64))
+    return c
+
+
 def get_config(stage: str = "wsd") -> ml_collections.ConfigDict:
-    return select("smollm2", stage, dict(wsd=wsd, sft=sft, cap=cap, dpo=dpo))
+    return select("smollm2", stage, dict(wsd=wsd, sft=sft, cap=cap, dpo=dpo, convert=convert))

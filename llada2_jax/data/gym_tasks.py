@@ -20,6 +20,7 @@ import functools
 import hashlib
 from collections.abc import Sequence
 
+CORPUS_NAME = "gym"  # how configs name these items as a corpus (`data.corpora`) or SFT data (`sft.data`)
 INSTALL_HINT = "reasoning-gym is not installed: pip install reasoning-gym==0.1.25"
 SPLITS = ("train", "heldout")
 HELDOUT_SHARE = 0.5

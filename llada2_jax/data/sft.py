@@ -146,10 +146,16 @@ def pack_samples(samples: Sequence[dict], pad_id: int, *, seq_len: int, batch_si
 
 def sft_dataset(conversations: Sequence[Sequence[dict]], tokenizer: Tokenizer, *, seq_len: int,
                 batch_size: int, block_size: int, seed: int, num_epochs: int | None = 1,
-                shard_index: int = 0, shard_count: int = 1) -> SFTData:
-    """Packed SFT batches (module docstring); `seq_len` must be a multiple of `block_size`."""
+                shard_index: int = 0, shard_count: int = 1, whole_chat: bool = False) -> SFTData:
+    """Packed SFT batches (module docstring); `seq_len` must be a multiple of `block_size`.
+
+    `whole_chat=True` marks every token of a sample (prompt included) as `loss_mask`: the chats
+    become pretraining documents, as the WSD conversion reads a task corpus.
+    """
     check_layout(seq_len, batch_size, block_size)
     samples = [conversation_sample(m, tokenizer, block_size) for m in conversations]
+    if whole_chat:
+        samples = [{**s, "loss_mask": np.ones_like(s["loss_mask"])} for s in samples]
     kept = [s for s in samples if len(s["tokens"]) <= seq_len]
     if not kept:
         raise ValueError(f"all {len(samples)} samples are longer than seq_len={seq_len}")

@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import jax
 from jax.sharding import Mesh
 
-from llada2_jax.data import corpora
+from llada2_jax.data import corpora, gym_tasks
 from llada2_jax.data.tokenizers import Tokenizer
 from llada2_jax.model.config import ModelConfig
 from llada2_jax.training.metrics import MetricsLogger
@@ -55,11 +55,29 @@ class Corpus:
         return self._documents[split]
 
 
+class GymChats:
+    """The run's reasoning-gym items (`config.gym`) as chats, generated once per split."""
+
+    def __init__(self, gym_config):
+        self.tasks, self.seed = gym_config.tasks, gym_config.seed
+        self.counts = {"train": gym_config.train_items, "heldout": gym_config.heldout_items}
+        self._chats: dict[str, list] = {}
+
+    def __call__(self, split: str) -> list[list[dict]]:
+        if split not in self._chats:
+            self._chats[split] = gym_tasks.conversations(self.tasks, split=split, seed=self.seed,
+                                                         count=self.counts[split])
+        return self._chats[split]
+
+
 @dataclasses.dataclass(frozen=True)
 class RunData:
-    """The run's tokenizer, packed-row shape and corpus documents (`documents(split)`, loaded once)."""
+    """The run's tokenizer, packed-row shape, corpus documents (`documents(split)`) and task chats
+    (`gym_chats(split)`), each loaded once."""
     tokenizer: Tokenizer
     documents: Callable[[str], list]
+    gym_chats: Callable[[str], list]
+    corpora: str  # `config.data.corpora`
     seq_len: int
     align_to_block: int
     batch_size: int  # global rows per step

@@ -44,8 +44,11 @@ class ModelLayout:
     buffer_specs: dict
 
     @classmethod
-    def build(cls, config: ModelConfig, mesh_shape: dict) -> "ModelLayout":
-        graphdef, params, buffers = nnx.split(wd.abstract_model(config), nnx.Param, ...)
+    def build(cls, config: ModelConfig, mesh_shape: dict, frozen_layers: int = 0) -> "ModelLayout":
+        """`frozen_layers`: no gradient reaches the bottom N layers (`Transformer.freeze_bottom`)."""
+        model = wd.abstract_model(config)
+        model.freeze_bottom(frozen_layers)
+        graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
         return cls(config, graphdef, params, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers),
                    shd.state_specs(params, mesh_shape), shd.state_specs(buffers, mesh_shape))
 

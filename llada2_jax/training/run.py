@@ -18,6 +18,7 @@ import os
 import time
 
 import jax
+import optax
 from jax.sharding import PartitionSpec as P
 
 from llada2_jax import workdir as wd
@@ -28,7 +29,8 @@ from llada2_jax.training import mesh as mesh_lib
 from llada2_jax.training import model_source as ms
 from llada2_jax.training import sharding as shd
 from llada2_jax.training.checkpoint import Checkpointer
-from llada2_jax.training.context import Corpus, RunData, RunPaths, StageContext
+from llada2_jax.training.context import Corpus, GymChats, RunData, RunPaths, StageContext
+from llada2_jax.training.freeze import keep_bottom_layers
 from llada2_jax.training.metrics import MetricsLogger
 from llada2_jax.training.stages import TrainStage, get_stage
 from llada2_jax.training.state import TrainState, decay_mask, init_state, make_optimizer
@@ -44,6 +46,7 @@ def train_settings(config) -> TrainSettings:
     return TrainSettings(batch_size=t.batch_size, grad_accum=t.grad_accum, log_every=t.log_every,
                          eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
                          keep_checkpoints=t.keep_checkpoints, max_nonfinite_streak=t.max_nonfinite_streak,
+                         frozen_layers=t.frozen_layers,
                          stop_after_steps=t.stop_after_steps)
 
 
@@ -60,6 +63,8 @@ def make_trainer(stage: TrainStage) -> Trainer:
     layout = stage.model_layout()
     schedule = stage.schedule(sum(s.steps for s in stage.segments()))
     tx = make_optimizer(schedule, **ctx.optimizer, mask=decay_mask(layout.param_vars))
+    if ctx.settings.frozen_layers:
+        tx = optax.chain(tx, keep_bottom_layers(ctx.settings.frozen_layers, layout.config.num_dense_layers))
     settings = ctx.settings
     return Trainer(stage=stage, mesh=ctx.mesh, graphdef=layout.graphdef,
                    shardings=state_shardings(layout, tx, ctx.mesh), tx=tx, schedule=schedule, settings=settings,
@@ -91,6 +96,7 @@ class Run:
         self.mesh = mesh_lib.make_mesh(config.mesh, devices)
         self.logger = MetricsLogger(self.workdir)
         self.corpus = Corpus(config.data)
+        self.gym_chats = GymChats(config.gym)
         self._tokenizer = None
         self._source = None
         self._model_config = None
@@ -150,7 +156,11 @@ class Run:
     @property
     def layout(self) -> ms.ModelLayout:
         if self._layout is None:
-            self._layout = ms.ModelLayout.build(self.model_config, dict(self.mesh.shape))
+            frozen = self.config.train.frozen_layers
+            if frozen >= self.model_config.num_hidden_layers:
+                raise ValueError(f"train.frozen_layers={frozen} must be < the model's "
+                                 f"{self.model_config.num_hidden_layers} layers")
+            self._layout = ms.ModelLayout.build(self.model_config, dict(self.mesh.shape), frozen)
         return self._layout
 
     def completed(self) -> list[str]:
@@ -159,24 +169,30 @@ class Run:
 
     def initial_weights(self) -> tuple[dict, dict]:
         """The previous stage's output when there is one, else `model.source`; sharded on the mesh."""
-        if wd.read_final(self.workdir) is not None:
-            src = ms.Source("workdir", self.workdir, self.model_config)
-        else:
-            src = self.source
-        return ms.place_weights(src, self.layout, self.mesh, self.config.seed)
+        final = wd.read_final(self.workdir)
+        if final is not None and final["checkpoint_dir"]:
+            return ms.place_weights(ms.Source("workdir", self.workdir, self.model_config), self.layout, self.mesh,
+                                    self.config.seed)
+        return self.source_weights()
+
+    def source_weights(self) -> tuple[dict, dict]:
+        """`model.source`'s weights, sharded on the mesh (where a branch stage starts)."""
+        return ms.place_weights(self.source, self.layout, self.mesh, self.config.seed)
 
     # ---------------- stages ----------------
     def context(self, name: str) -> StageContext:
         c = self.config
         kind, arg = ms.parse_source(c.model.source)
         order = tuple(stage_names(c))
-        data = RunData(tokenizer=self.tokenizer, documents=self.corpus.documents, seq_len=c.data.seq_len,
+        data = RunData(tokenizer=self.tokenizer, documents=self.corpus.documents, gym_chats=self.gym_chats,
+                       corpora=str(c.data.corpora), seq_len=c.data.seq_len,
                        align_to_block=c.data.align_to_block, batch_size=c.train.batch_size,
                        eval_batch_size=c.train.eval_batch_size, eval_batches=c.train.eval_batches)
         return StageContext(name=name, cfg=c[name], seed=c.seed, order=order, model_config=self.model_config,
                             mesh=self.mesh, layout=self.layout, data=data, paths=self.paths,
                             settings=train_settings(c), optimizer=dict(c.optimizer), logger=self.logger,
-                            init_weights=self.initial_weights, init_workdir=arg if kind == "workdir" else None)
+                            init_weights=self.source_weights if getattr(get_stage(name), "branch", False)
+                            else self.initial_weights, init_workdir=arg if kind == "workdir" else None)
 
     def stage(self, name: str):
         """The stage `name` built from its context; a stage that only scores (merge, eval) also gets
@@ -185,15 +201,16 @@ class Run:
         cls = get_stage(name)
         if issubclass(cls, TrainStage):
             return cls(ctx)
-        return cls(ctx, self.stage(cls.scorer_name(ctx.cfg)))
+        scorer = cls.scorer_name(ctx.cfg)
+        return cls(ctx, self.stage(scorer) if scorer else None)
 
     def run_stage(self, name: str) -> None:
         """Run one stage and record it in final.json with the run's (possibly new) output."""
         stage = self.stage(name)
         output = train_stage(stage) if isinstance(stage, TrainStage) else stage.run()
-        if output is None:  # the stage only reports: the output stays the previous stage's
+        if output is None or getattr(stage, "branch", False):  # the run's output stays the chain's
             final = wd.read_final(self.workdir)
-            output = final["checkpoint_dir"], final["step"]
+            output = (final["checkpoint_dir"], final["step"]) if final else ("", 0)
         wd.write_final(self.workdir, self.completed() + [name], *output)
 
     def execute(self) -> None:

@@ -50,6 +50,7 @@ class TrainSettings:
     keep_checkpoints: int = 3
     max_nonfinite_streak: int = 10
     stop_after_steps: int = 0  # >0: checkpoint and stop (Preempted) after this many steps of one invocation
+    frozen_layers: int = 0  # bottom layers neither gradient nor optimizer touches (`training.freeze`)
     async_checkpoints: bool = True
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from llada2_jax import workdir as wd
-from llada2_jax.data import corpora
+from llada2_jax.data import corpora, gym_tasks
 from llada2_jax.model.config import check_runtime
 from llada2_jax.training import mesh as mesh_lib
 from llada2_jax.training import model_source as ms
@@ -37,7 +37,24 @@ def resolve_config(config):
             resolved.model.source = f"workdir:{init_from}"
             resolved.tokenizer.kind = "dir"
             resolved.tokenizer.path = os.path.join(init_from, wd.TOKENIZER_DIR)
+    names = [s.strip() for s in str(resolved.stages).split(",") if s.strip()]
+    for name in names:
+        if stages_lib.STAGES.get(name) is not None and getattr(stages_lib.STAGES[name], "branch", False) \
+                and resolved[name].steps == 0:
+            with resolved.unlocked():
+                resolved[name].steps = _chain_steps(resolved, names)
     return resolved
+
+
+def _chain_steps(config, names) -> int:
+    """Steps of the run's non-branch training stages together: a branch stage with `steps = 0` (the AR
+    twin) takes this many, so it sees as many data tokens as the chain it is compared with."""
+    total = 0
+    for name in names:
+        cls = stages_lib.STAGES.get(name)
+        if cls is not None and issubclass(cls, stages_lib.TrainStage) and not cls.branch:
+            total += cls.total_steps(config, name)
+    return total
 
 
 def _stage_names(config) -> list[str]:
@@ -58,6 +75,8 @@ def _check_train(config, num_devices: int) -> None:
     for field in _POSITIVE_TRAIN_FIELDS:
         if t[field] < 1:
             raise ValueError(f"train.{field}={t[field]} must be >= 1")
+    if t.frozen_layers < 0:
+        raise ValueError(f"train.frozen_layers={t.frozen_layers} must be >= 0 (0 trains every layer)")
     if t.eval_batches < 0 or t.eval_every < 0:
         raise ValueError(f"train.eval_batches={t.eval_batches} and train.eval_every={t.eval_every} must be >= 0")
     shape = mesh_lib.resolve_mesh_shape(dict(config.mesh), num_devices)
@@ -88,10 +107,23 @@ def _check_data(config) -> None:
         raise ValueError(f"data.align_to_block={d.align_to_block} does not divide data.seq_len={d.seq_len}")
     if not 0.0 < d.heldout_fraction < 1.0:
         raise ValueError(f"data.heldout_fraction={d.heldout_fraction} must be in (0, 1)")
+    if str(d.corpora) == gym_tasks.CORPUS_NAME:
+        return
     for name in [c.strip() for c in str(d.corpora).split(",") if c.strip()] or [""]:
         if name not in corpora.CORPORA and not os.path.exists(name):
-            raise ValueError(f"data.corpora: {name!r} is neither a corpus name {corpora.CORPORA} nor an existing "
-                             f"path")
+            raise ValueError(f"data.corpora: {name!r} is neither a corpus name {corpora.CORPORA}, "
+                             f"{gym_tasks.CORPUS_NAME!r} (the reasoning-gym tasks of config.gym) nor an existing path")
+
+
+def _check_gym(config) -> None:
+    g = config.gym
+    try:
+        gym_tasks.parse_tasks(g.tasks)
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"gym.tasks: {e}") from None
+    for field in ("train_items", "heldout_items"):
+        if g[field] < 1:
+            raise ValueError(f"gym.{field}={g[field]} must be >= 1")
 
 
 def _check_model(config) -> None:
@@ -137,5 +169,7 @@ def validate_config(config, num_devices: int) -> None:
     _check_train(config, num_devices)
     if config.get("init_from", ""):
         _check_init_from(config.init_from)
+    if gym_tasks.CORPUS_NAME in [str(config.data.corpora)] + [config[n].get("data") for n in names if n in config]:
+        _check_gym(config)
     for name in names:
         stages_lib.get_stage(name).validate(config, name)

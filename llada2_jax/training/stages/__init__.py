@@ -4,7 +4,9 @@
   sft, cap           sft.py         block-diffusion SFT, + the CAP entropy term
   dpo                dpo.py         diffusion DPO against a frozen reference
   merge              merge.py       top-k checkpoint merge (no training)
+  ar_sft             sft.py         the AR twin: next-token SFT on the same chats, from model.source
   eval               final_eval.py  held-out NELBO and samples of the run's output (no training)
+  compare            compare.py     AR-vs-dLLM accuracy / tokens-per-forward table (no training)
 A new stage is a module here and a row in `STAGES`; config files import nothing to use one.
 A training stage subclasses `TrainStage`; a stage that only scores (merge, eval) is built with
 the training stage whose evaluation it uses (`scorer_name(cfg)`) and implements `run()`.
@@ -12,11 +14,12 @@ the training stage whose evaluation it uses (`scorer_name(cfg)`) and implements 
 from __future__ import annotations
 
 from llada2_jax.training.stages.base import StageData, TrainStage
+from llada2_jax.training.stages.compare import Compare
 from llada2_jax.training.stages.dpo import DPO
 from llada2_jax.training.stages.final_eval import FinalEval
 from llada2_jax.training.stages.merge import Merge
 from llada2_jax.training.stages.pretrain import WSD, ARPretrain
-from llada2_jax.training.stages.sft import CAP, SFT
+from llada2_jax.training.stages.sft import ARSFT, CAP, SFT
 
 STAGES: dict[str, type] = {
     "ar_pretrain": ARPretrain,
@@ -25,7 +28,9 @@ STAGES: dict[str, type] = {
     "cap": CAP,
     "dpo": DPO,
     "merge": Merge,
+    "ar_sft": ARSFT,
     "eval": FinalEval,
+    "compare": Compare,
 }
 
 

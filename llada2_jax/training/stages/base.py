@@ -6,7 +6,8 @@ A training stage is built from its `StageContext` and supplies
   loss(segment, model, batch, rng, step) / evaluate(...)       the objective and held-out sums
   schedule(total_steps)                                        the learning rate
 and may override `model_layout`, `initial_weights` and `save_output` (DPO trains a policy/reference
-pair but hands on the policy alone). Stages that do not train (merge, eval) provide `run()`.
+pair but hands on the policy alone). A `branch` stage (the AR twin) trains beside the chain: it
+starts from the model source and the next stage starts from the stage before it. Stages that do not train (merge, eval) provide `run()`.
 `batch` is one micro-batch of the stage's data pipeline, e.g. `tokens, segment_ids, positions,
 loss_mask` of shape (b, L).
 """
@@ -29,6 +30,7 @@ class StageData:
 class TrainStage:
     """Base of the training stages."""
     expert_bias_rate = 0.0  # MoE aux-loss-free balancing step size (0 = frozen bias)
+    branch = False  # True: start from `model.source` and leave the run's output to the chain
 
     def __init__(self, ctx: StageContext):
         self.ctx, self.cfg = ctx, ctx.cfg

@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llada2_jax.data import pipeline
+from llada2_jax.data import gym_tasks, pipeline
+from llada2_jax.data import sft as sft_data
 from llada2_jax.diffusion import layout, losses, noising, schedules
 from llada2_jax.evaluation.likelihood import mc_elbo_loglik
 from llada2_jax.training.stages.base import StageData, TrainStage
@@ -13,10 +14,19 @@ from llada2_jax.training.trainer import Segment
 
 
 class CorpusStage(TrainStage):
-    """Packed documents of the run's corpora; training rows start documents at `data.align_to_block`."""
+    """Packed documents of the run's corpora; training rows start documents at `data.align_to_block`.
+
+    The corpus "gym" is the run's reasoning-gym chats (`config.gym`), each a whole document.
+    """
 
     def dataset(self, split, batch_size, seed, num_epochs):
         data = self.ctx.data
+        if data.corpora == gym_tasks.CORPUS_NAME:
+            out = sft_data.sft_dataset(data.gym_chats(split), data.tokenizer, seq_len=data.seq_len,
+                                       batch_size=batch_size, block_size=max(data.align_to_block, 1), seed=seed,
+                                       num_epochs=num_epochs, shard_index=jax.process_index(),
+                                       shard_count=jax.process_count(), whole_chat=True)
+            return StageData(out.dataset)
         docs = data.documents(split)
         if not docs:
             raise ValueError(f"data.corpora: the {split!r} split holds no document (data.heldout_fraction)")

@@ -1,9 +1,11 @@
 """The `sft` and `cap` stages (spec §6, §7): block-diffusion SFT on packed chat samples.
 
 Config section `config.sft` (and `config.cap`, the same fields; CAP adds `cap_weight` = λ):
-  data            "gsm8k" (../shared/data/gsm8k/train.jsonl; `data_path` overrides the file) or a
-                  jsonl path of `{"messages": [...]}` conversations or `{"prompt", "response"}` pairs
-  heldout_size    records held out for evaluation (GSM8K: the file's last ones; jsonl: the last ones)
+  data            "gsm8k" (../shared/data/gsm8k/train.jsonl; `data_path` overrides the file), "gym"
+                  (the run's reasoning-gym chats, `config.gym`) or a jsonl path of
+                  `{"messages": [...]}` conversations or `{"prompt", "response"}` pairs
+  heldout_size    records held out for evaluation (GSM8K: the file's last ones; jsonl: the last
+                  ones; gym: unused, the held-out split has `gym.heldout_items`)
   steps, lr, lr_min, warmup_ratio, lr_schedule        cosine from lr to lr_min after warm-up
   block_size, t_min, t_max, weighting, complementary  see `objectives.NoiseConfig`
   eval_samples    MC samples of the held-out response ELBO (t ~ U[1e-3, 1], no forced mask)
@@ -17,8 +19,9 @@ import os
 import jax
 import jax.numpy as jnp
 
+from llada2_jax.data import gym_tasks
 from llada2_jax.data import sft as sft_data
-from llada2_jax.diffusion import schedules
+from llada2_jax.diffusion import layout, losses, schedules
 from llada2_jax.evaluation.likelihood import mc_elbo_loglik
 from llada2_jax.training import objectives
 from llada2_jax.training.stages.base import StageData, TrainStage
@@ -30,13 +33,16 @@ _LOGGED = ("masked_ce", "masked_accuracy", "n_masked", "rows", "samples", "sft_l
 
 def check_data_source(field: str, data: str, data_path: str = "") -> None:
     """The data file must exist at start-up; the error names the config field."""
+    if data == gym_tasks.CORPUS_NAME:
+        return
     if data == GSM8K:
         path = data_path or str(sft_data.GSM8K_TRAIN)
         if not os.path.isfile(path):
             raise ValueError(f"{field}.data_path={path!r}: GSM8K file not found (expected "
                              f"../shared/data/gsm8k/train.jsonl or set {field}.data_path)")
     elif not os.path.isfile(data):
-        raise ValueError(f"{field}.data={data!r} is neither 'gsm8k' nor an existing jsonl file")
+        raise ValueError(f"{field}.data={data!r} is neither 'gsm8k', {gym_tasks.CORPUS_NAME!r} (the reasoning-gym "
+                         "tasks of config.gym) nor an existing jsonl file")
 
 
 def check_noise(config, name: str, **kw) -> None:
@@ -111,6 +117,8 @@ class SFT(PostTrainStage):
 
     def conversations(self, split: str) -> list:
         cfg = self.cfg
+        if cfg.data == gym_tasks.CORPUS_NAME:
+            return self.ctx.data.gym_chats(split)
         if cfg.data == GSM8K:
             return sft_data.gsm8k_conversations(cfg.get("data_path") or None, split=split,
                                                 heldout_size=cfg.heldout_size)
@@ -155,3 +163,38 @@ class CAP(SFT):
         super().validate(config, name)
         if config[name].cap_weight <= 0:
             raise ValueError(f"{name}.cap_weight={config[name].cap_weight} must be > 0 (use the sft stage for λ = 0)")
+
+
+class ARSFT(SFT):
+    """The AR twin: next-token fine-tuning on the same packed chats, loss on the response tokens.
+
+    It starts from `model.source`, not from the previous stage (`branch`), and hands nothing on,
+    so a run can train the conversion chain and its AR baseline side by side. `steps = 0` gives it
+    the steps of the run's other training stages together (`validate.resolve_config`): the same
+    data tokens as the chain. It logs block size 0
+    (`Segment("ar", ...)`), which is how evaluation knows to decode it autoregressively.
+    """
+    branch = True
+
+    @classmethod
+    def validate(cls, config, name) -> None:
+        PostTrainStage.validate(config, name)
+
+    def segments(self):
+        return [Segment("ar", self.cfg.steps, 0)]
+
+    def loss(self, segment, model, batch, rng, step):
+        loss, metrics = losses.ar_loss(model, self._ar_batch(batch))
+        return loss, {"masked_accuracy": metrics["accuracy"]}
+
+    def evaluate(self, segment, model, batch, rng):
+        loss, metrics = losses.ar_loss(model, self._ar_batch(batch))
+        return {"nll_sum": loss * metrics["n_tokens"], "tokens": metrics["n_tokens"].astype(jnp.float32)}
+
+    def summarize_eval(self, sums):
+        return {"response_nll": sums["nll_sum"] / max(sums["tokens"], 1.0)}
+
+    @staticmethod
+    def _ar_batch(batch):
+        return layout.ar_batch(batch["tokens"], batch["segment_ids"], batch["positions"],
+                               objectives.response_positions(batch))
