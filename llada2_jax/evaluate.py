@@ -17,6 +17,7 @@ import sys
 
 from absl import flags
 
+from llada2_jax import cli
 from llada2_jax.evaluation import gym
 
 FLAGS = flags.FlagValues()
@@ -65,24 +66,16 @@ def checked(f) -> dict:
                 batch_size=f.batch_size, speed_items=f.speed_items, out=f.out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`argv` without the program name (default: the command line). Returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("--help", "-h", "--helpfull") for a in argv):
-        print(__doc__ + "\nflags:\n" + FLAGS.get_help())
-        return 0
-    try:
-        FLAGS.unparse_flags()
-        rest = FLAGS(["evaluate", *argv])
-        if len(rest) > 1:
-            raise ValueError(f"unexpected argument {rest[1]!r} (flags are --name=value)")
-        args = checked(FLAGS)
-        gym.compare(**args, log=lambda line: print(line, flush=True))
-    except (flags.Error, ValueError) as e:
-        print(f"evaluate: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+def evaluate(f) -> int:
+    args = checked(f)
+    gym.compare(**args, log=lambda line: print(line, flush=True))
     print(f"[evaluate] wrote {args['out']} and its plots", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`argv` without the program name (default: the command line). Returns the exit code."""
+    return cli.run("evaluate", __doc__, FLAGS, argv, evaluate)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import sys
 
 from absl import flags
 
+from llada2_jax import cli
+
 FLAGS = flags.FlagValues()  # its own set, so importing this module never touches `main`'s flags
 flags.DEFINE_string("workdir", None, "a training run directory", flag_values=FLAGS)
 flags.DEFINE_string("prompt", None, "the prompt text", flag_values=FLAGS)
@@ -70,19 +72,6 @@ def check_flags(f) -> None:
         raise UsageError(f"--top_p={f.top_p} must be in (0, 1]")
 
 
-def parse(argv: list[str]):
-    """Parse `argv` (without the program name) into FLAGS; UsageError for any mistake."""
-    try:
-        FLAGS.unparse_flags()
-        rest = FLAGS(["generate", *argv])
-    except flags.Error as e:
-        raise UsageError(str(e).splitlines()[0]) from None
-    if len(rest) > 1:
-        raise UsageError(f"unexpected argument {rest[1]!r} (flags are --name=value)")
-    check_flags(FLAGS)
-    return FLAGS
-
-
 def generate_text(f) -> int:
     import jax
 
@@ -132,17 +121,14 @@ def generate_text(f) -> int:
     return 0
 
 
+def run(f) -> int:
+    check_flags(f)
+    return generate_text(f)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`argv` without the program name (default: the command line). Returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("--help", "-h", "--helpfull") for a in argv):
-        print(__doc__ + "\nflags:\n" + FLAGS.get_help())
-        return 0
-    try:
-        return generate_text(parse(argv))
-    except UsageError as e:
-        print(f"generate: {e}", file=sys.stderr, flush=True)
-        return 2
+    return cli.run("generate", __doc__, FLAGS, argv, run)
 
 
 if __name__ == "__main__":

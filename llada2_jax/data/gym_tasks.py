@@ -15,10 +15,10 @@ name is a reasoning-gym dataset name; `TASK_DEFAULTS` sizes some of them so that
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 CORPUS_NAME = "gym"  # how configs name these items as a corpus (`data.corpora`) or SFT data (`sft.data`)
 INSTALL_HINT = "reasoning-gym is not installed: pip install reasoning-gym==0.1.25"
@@ -36,8 +36,7 @@ TASK_DEFAULTS: dict[str, dict] = {
 DEFAULT_TASKS = ("word_sequence_reversal", "rotate_matrix")
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskItem:
+class TaskItem(NamedTuple):
     task: str
     question: str
     answer: str

@@ -13,27 +13,30 @@ def _pyplot():
     return plt
 
 
+def _save(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> str:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def frontier(rows: Sequence[dict], path: str) -> str:
     """Accuracy against tokens per forward, one curve per model (its thresholds are the points)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = _pyplot().subplots(figsize=(6, 4.2))
     for model in dict.fromkeys(r["model"] for r in rows):
         points = sorted((r["tokens_per_forward"], 100 * r["accuracy"], r.get("threshold"))
                         for r in rows if r["model"] == model)
-        xs, ys, labels = zip(*points)
-        ax.plot(xs, ys, marker="o", label=model)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
         for x, y, threshold in points:
             if threshold is not None:
                 ax.annotate(f"{threshold:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    ax.set_xlabel("tokens per forward")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("speed / quality frontier (points: confidence thresholds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "tokens per forward", "accuracy (%)",
+                 "speed / quality frontier (points: confidence thresholds)")
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -46,15 +49,14 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def training_loss(workdirs: Sequence[str], path: str) -> str:
     """Training loss per stage over a common step axis, with each block-size change marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = _pyplot().subplots(figsize=(8, 4.2))
     offset = 0
     for workdir in workdirs:
         records = [r for r in read_metrics(workdir) if "loss" in r]
         for stage in dict.fromkeys(r["stage"] for r in records):
             steps = [r for r in records if r["stage"] == stage]
             xs = [offset + r["step"] for r in steps]
-            ax.plot(xs, [r["loss"] for r in steps], label=f"{os.path.basename(workdir)}: {stage}")
+            ax.plot(xs, [r["loss"] for r in steps], marker=".", label=f"{os.path.basename(workdir)}: {stage}")
             previous = None
             for x, r in zip(xs, steps):
                 size = r.get("block_size")
@@ -64,12 +66,5 @@ def training_loss(workdirs: Sequence[str], path: str) -> str:
                                 rotation=90, va="top", fontsize=7, color="grey")
                     previous = size
             offset = max(xs) if xs else offset
-    ax.set_xlabel("training step (stages placed end to end)")
-    ax.set_ylabel("training loss")
-    ax.set_title("training loss per phase (grey: block-size ladder)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "training step (stages placed end to end)", "training loss",
+                 "training loss per phase (grey: block-size ladder)")
