@@ -67,10 +67,11 @@ def dpo() -> ml_collections.ConfigDict:
 def convert() -> ml_collections.ConfigDict:
     """The real conversion and its AR twin in one run, on reasoning-gym tasks (docs/DECISIONS.md).
 
-    wsd (ladder 1 -> 4 -> 32 -> 64 | MDLM at 512 | 256 -> ... -> 16) -> sft -> cap on the task chats,
+    wsd (ladder 1 -> 4 -> 32 | MDLM at 512 | 256 -> ... -> 16) -> sft -> cap on the task chats,
     ar_sft (the AR twin: the same GGUF, next-token SFT on the same chats for as many data tokens
-    as wsd + sft + cap together), then `compare` decodes every stage on 200 held-out items. Only
-    the top 10 of the 30 layers train (`train.frozen_layers`), in both models, to fit a CPU.
+    as wsd + sft + cap together), then `compare` decodes every stage on 64 held-out items
+    (`python -m llada2_jax.evaluate` runs any count). Only the top 10 of the 30 layers train
+    (`train.frozen_layers`), in both models, and the block size is 16: sized for 2 CPU cores.
     """
     c = base_config()
     c.stages = "wsd,sft,cap,ar_sft,compare"
@@ -82,15 +83,15 @@ def convert() -> ml_collections.ConfigDict:
                         keep_checkpoints=1, frozen_layers=20))
     c.optimizer.update(dict(b1=0.9, b2=0.999, weight_decay=0.1, grad_clip=1.0))
     # masked_mean in WSD: with 4 rows per step the 1/t ELBO weights make the loss too noisy to use
-    c.wsd.update(dict(warmup_sizes=(1, 4, 32, 64), decay_min=16, steps_per_warmup=3, stable_steps=10,
-                      steps_per_decay=3, lr=1e-4, warmup_steps=3, lr_schedule="constant", weighting="masked_mean",
-                      noise_steps=10, eval_samples=1))
-    c.sft = posttrain_section(steps=60, lr=1e-4, lr_min=1e-5, block_size=16, complementary=False, data="gym",
+    c.wsd.update(dict(warmup_sizes=(1, 4, 32), decay_min=16, steps_per_warmup=2, stable_steps=6,
+                      steps_per_decay=2, lr=1e-4, warmup_steps=2, lr_schedule="constant", weighting="masked_mean",
+                      noise_steps=6, eval_samples=1))
+    c.sft = posttrain_section(steps=30, lr=1e-4, lr_min=1e-5, block_size=16, complementary=False, data="gym",
                               eval_samples=1)
-    c.cap = posttrain_section(steps=30, lr=5e-5, lr_min=5e-6, block_size=16, complementary=False, data="gym",
+    c.cap = posttrain_section(steps=15, lr=5e-5, lr_min=5e-6, block_size=16, complementary=False, data="gym",
                               eval_samples=1, cap_weight=2.0)
     c.ar_sft = posttrain_section(steps=0, lr=1e-4, lr_min=1e-5, block_size=16, data="gym")  # 0: the chain's steps
-    c.compare.update(dict(count=200, gen_length=64, batch_size=8, speed_items=8))
+    c.compare.update(dict(count=64, gen_length=64, batch_size=8, speed_items=4))
     c.smoke_overrides = (
         ("gym.train_items", 32), ("gym.heldout_items", 4), ("data.seq_len", 256), ("train.log_every", 1),
         ("train.checkpoint_every", 2), ("wsd.warmup_sizes", (1, 4)), ("wsd.steps_per_warmup", 1),
