@@ -17,31 +17,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from llada2_jax.core.masks import CLEAN, NOISY, MaskSpec, allowed
+from llada2_jax.core.masks import CLEAN, NOISY, MaskSpec
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 PAD_Q_SEGMENT, PAD_K_SEGMENT = -2, -1
 _BIG = jnp.iinfo(jnp.int32).max // 2
-
-
-@dataclasses.dataclass(frozen=True)
-class PaddedFeatures:
-    """Query and key features padded to whole tiles: int32 (B, Tp) and (B, Sp)."""
-    q_stream: jax.Array
-    q_block: jax.Array
-    q_segment: jax.Array
-    k_stream: jax.Array
-    k_block: jax.Array
-    k_segment: jax.Array
-    rule: str
-
-    def allowed(self, qi: slice | None = None, ki: slice | None = None):
-        """Element mask of a sub-rectangle (used by references and the XLA path)."""
-        qi = slice(None) if qi is None else qi
-        ki = slice(None) if ki is None else ki
-        return allowed(self.rule, self.q_stream[:, qi, None], self.q_block[:, qi, None],
-                       self.q_segment[:, qi, None], self.k_stream[:, None, ki],
-                       self.k_block[:, None, ki], self.k_segment[:, None, ki])
 
 
 def check_shapes(q, k, spec: MaskSpec) -> tuple[int, int, int, int, int, int]:
@@ -59,7 +39,9 @@ def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def pad_features(spec: MaskSpec, block_q: int, block_k: int) -> PaddedFeatures:
+def pad_features(spec: MaskSpec, block_q: int, block_k: int) -> MaskSpec:
+    """The spec with int32 features padded to whole tiles, (B, Tp) and (B, Sp): a MaskSpec again,
+    so `dense()` gives the padded element mask (the reference the tests hold the tile map to)."""
     _, t, s = spec.shape
     tp, sp = round_up(t, block_q), round_up(s, block_k)
 
@@ -67,10 +49,10 @@ def pad_features(spec: MaskSpec, block_q: int, block_k: int) -> PaddedFeatures:
         x = jnp.asarray(x, jnp.int32)
         return jnp.pad(x, ((0, 0), (0, length - x.shape[-1])), constant_values=value)
 
-    return PaddedFeatures(pad(spec.q_stream, tp, 0), pad(spec.q_block, tp, 0),
-                          pad(spec.q_segment, tp, PAD_Q_SEGMENT),
-                          pad(spec.k_stream, sp, 0), pad(spec.k_block, sp, 0),
-                          pad(spec.k_segment, sp, PAD_K_SEGMENT), spec.rule)
+    return MaskSpec(pad(spec.q_stream, tp, 0), pad(spec.q_block, tp, 0),
+                    pad(spec.q_segment, tp, PAD_Q_SEGMENT),
+                    pad(spec.k_stream, sp, 0), pad(spec.k_block, sp, 0),
+                    pad(spec.k_segment, sp, PAD_K_SEGMENT), spec.rule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +81,7 @@ def _summarize(stream, block, segment, tile: int) -> _TileSummary:
                         tuple(bs_min), tuple(bs_max), tuple(has))
 
 
-def classify(feats: PaddedFeatures, block_q: int, block_k: int) -> jax.Array:
+def classify(feats: MaskSpec, block_q: int, block_k: int) -> jax.Array:
     """int8 (B, Tp/block_q, Sp/block_k) of EMPTY / PARTIAL / FULL."""
     q = _summarize(feats.q_stream, feats.q_block, feats.q_segment, block_q)
     k = _summarize(feats.k_stream, feats.k_block, feats.k_segment, block_k)

@@ -92,4 +92,4 @@ def test_every_stage_is_in_the_table_without_importing_its_module():
     code = ("from llada2_jax.training.stages import STAGES; "
             "print(','.join(sorted(STAGES)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "ar_pretrain,cap,dpo,eval,merge,sft,wsd"
+    assert out == "ar_pretrain,ar_sft,cap,compare,dpo,eval,merge,sft,wsd"

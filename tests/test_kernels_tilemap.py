@@ -53,7 +53,7 @@ def _random_spec(rng, kind, length, block):
 def _check(spec, bq, bk):
     feats = tilemap.pad_features(spec, bq, bk)
     classes = np.asarray(tilemap.classify(feats, bq, bk))
-    dense = np.asarray(feats.allowed())  # padded dense mask, the reference
+    dense = np.asarray(feats.dense())  # padded dense mask, the reference
     b, nq, nk = classes.shape
     tiles = dense.reshape(b, nq, bq, nk, bk).transpose(0, 1, 3, 2, 4).reshape(b, nq, nk, bq * bk)
     any_allowed, all_allowed = tiles.any(-1), tiles.all(-1)

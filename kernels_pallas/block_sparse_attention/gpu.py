@@ -23,17 +23,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels_pallas import tilemap
+from kernels_pallas.block_sparse_attention.common import KernelConfig
 from llada2_jax.core.masks import MaskSpec, allowed
 
 DEFAULT_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
-    rule: str
-    scale: float
-    block_q: int
-    block_k: int
+class _Config(KernelConfig):
     interpret: bool
 
 

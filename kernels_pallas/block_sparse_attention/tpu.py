@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import tilemap
+from kernels_pallas.block_sparse_attention.common import KernelConfig
 from llada2_jax.core.masks import MaskSpec, allowed
 
 LANES, SUBLANES = 128, 8
@@ -56,11 +57,7 @@ _FEATURES = {"bidirectional": ("segment",), "causal": ("block", "segment"),
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
-    rule: str
-    scale: float
-    block_q: int
-    block_k: int
+class _Config(KernelConfig):
     group: int       # query heads per kv head
     head_dim: int    # padded to a multiple of 128
     row_steps: int   # static list lengths (forward / dQ, dK/dV) ...
@@ -226,10 +223,55 @@ def _scores(cfg: _Config, q, k, mask):
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
-def _visits(kind, visit):
-    """FULL tiles without the element mask, PARTIAL with it, EMPTY (padding/no-op) not at all."""
-    pl.when(kind == tilemap.FULL)(lambda: visit(False))
-    pl.when(kind == tilemap.PARTIAL)(lambda: visit(True))
+def _zero(*refs):
+    for ref in refs:
+        ref[...] = jnp.zeros(ref.shape, jnp.float32)
+
+
+def _heads(cfg: _Config):
+    """(r, lane slice of query head r) for the g query heads of this step's kv head."""
+    return [(r, slice(r * cfg.head_dim, (r + 1) * cfg.head_dim)) for r in range(cfg.group)]
+
+
+def _visits(cfg: _Config, kind, qf_ref, kf_ref, k_ref, v_ref, visit):
+    """Call visit(r, heads, k, v, mask) per query head r: FULL tiles without the element mask
+    (mask None), PARTIAL with it, EMPTY (padding/no-op) not at all. K/V and the mask are read
+    once per step for the whole GQA group."""
+    def visit_tile(masked):
+        k, v = k_ref[...], v_ref[...]
+        mask = _tile_mask(cfg, qf_ref, kf_ref) if masked else None
+        for r, heads in _heads(cfg):
+            visit(r, heads, k, v, mask)
+
+    pl.when(kind == tilemap.FULL)(lambda: visit_tile(False))
+    pl.when(kind == tilemap.PARTIAL)(lambda: visit_tile(True))
+
+
+# ---------------------------------------------------------------- pallas_call plumbing
+def _block_specs(cfg: _Config, nf: int, qt, kt):
+    """BlockSpecs for the tile lookups qt, kt: the two feature inputs (a list), then q-like
+    (B, Tp, Hq * Dp), k/v-like (B, Sp, Hkv * Dp) and row-statistics (B, Hq, Tp, 128) arrays."""
+    g, dp, bq, bk = cfg.group, cfg.head_dim, cfg.block_q, cfg.block_k
+    features = [
+        pl.BlockSpec((None, nf, bq, LANES), lambda b_, h, p, st: (b_, 0, qt(b_, p, st), 0)),
+        pl.BlockSpec((None, nf, SUBLANES, bk), lambda b_, h, p, st: (b_, 0, 0, kt(b_, p, st))),
+    ]
+    q_spec = pl.BlockSpec((None, bq, g * dp), lambda b_, h, p, st: (b_, qt(b_, p, st), h))
+    kv_spec = pl.BlockSpec((None, bk, dp), lambda b_, h, p, st: (b_, kt(b_, p, st), h))
+    stat_spec = pl.BlockSpec((None, g, bq, LANES), lambda b_, h, p, st: (b_, h, qt(b_, p, st), 0))
+    return features, q_spec, kv_spec, stat_spec
+
+
+def _call(cfg: _Config, kernel, steps, n: int, hkv: int, in_specs, out_specs, scratch, out_shape,
+          *operands):
+    """pallas_call on the grid (batch, kv head, step) with the first n steps of each row prefetched."""
+    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=(steps.shape[0], hkv, n),
+                                             in_specs=in_specs, out_specs=out_specs,
+                                             scratch_shapes=scratch)
+    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    return pl.pallas_call(functools.partial(kernel, cfg=cfg), grid_spec=grid_spec, out_shape=out_shape,
+                          compiler_params=params, interpret=cfg.interpret,
+                          )(steps[:, :n].reshape(-1), *operands)
 
 
 # ---------------------------------------------------------------- forward
@@ -241,30 +283,24 @@ def _fwd_kernel(steps_ref, qf_ref, kf_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
     @pl.when(first)
     def _init():
         m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        _zero(l_sc, acc_sc)
 
-    def visit(masked):
-        k, v = k_ref[...], v_ref[...]
-        mask = _tile_mask(cfg, qf_ref, kf_ref) if masked else None
-        for r in range(cfg.group):
-            heads = slice(r * dp, (r + 1) * dp)
-            s = _scores(cfg, q_ref[:, heads], k, mask)
-            m_prev = m_sc[r]
-            m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-            m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-            p = jnp.exp(s - _lanes(m_safe, cfg.block_k))
-            corr = jnp.exp(m_prev - m_safe)
-            m_sc[r] = m_next
-            l_sc[r] = corr * l_sc[r] + p.sum(axis=1, keepdims=True)
-            acc_sc[:, heads] = acc_sc[:, heads] * _lanes(corr, dp) + _dot(p.astype(v.dtype), v)
+    def visit(r, heads, k, v, mask):
+        s = _scores(cfg, q_ref[:, heads], k, mask)
+        m_prev = m_sc[r]
+        m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+        p = jnp.exp(s - _lanes(m_safe, cfg.block_k))
+        corr = jnp.exp(m_prev - m_safe)
+        m_sc[r] = m_next
+        l_sc[r] = corr * l_sc[r] + p.sum(axis=1, keepdims=True)
+        acc_sc[:, heads] = acc_sc[:, heads] * _lanes(corr, dp) + _dot(p.astype(v.dtype), v)
 
-    _visits(kind, visit)
+    _visits(cfg, kind, qf_ref, kf_ref, k_ref, v_ref, visit)
 
     @pl.when(last)
     def _finish():
-        for r in range(cfg.group):
-            heads = slice(r * dp, (r + 1) * dp)
+        for r, heads in _heads(cfg):
             l = l_sc[r]
             seen = l > 0
             l_safe = jnp.where(seen, l, 1.0)
@@ -272,39 +308,20 @@ def _fwd_kernel(steps_ref, qf_ref, kf_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
             lse_ref[r] = jnp.where(seen, m_sc[r] + jnp.log(l_safe), jnp.inf)
 
 
-def _compiler_params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-
-
 def _forward(cfg: _Config, q, k, v, aux):
     b, tp, _ = q.shape
     hkv = k.shape[2] // cfg.head_dim
-    g, dp, bq, bk = cfg.group, cfg.head_dim, cfg.block_q, cfg.block_k
+    g, dp, bq = cfg.group, cfg.head_dim, cfg.block_q
     steps, total = aux["rows"]
-    nf = aux["qf"].shape[1]
 
     def run(n):
-        qt, kt = _outer(n), _inner(n)
-        q_spec = pl.BlockSpec((None, bq, g * dp), lambda b_, h, p, st: (b_, qt(b_, p, st), h))
-        kv_spec = pl.BlockSpec((None, bk, dp), lambda b_, h, p, st: (b_, kt(b_, p, st), h))
-        in_specs = [
-            pl.BlockSpec((None, nf, bq, LANES), lambda b_, h, p, st: (b_, 0, qt(b_, p, st), 0)),
-            pl.BlockSpec((None, nf, SUBLANES, bk), lambda b_, h, p, st: (b_, 0, 0, kt(b_, p, st))),
-            q_spec, kv_spec, kv_spec,
-        ]
-        out_specs = [q_spec,
-                     pl.BlockSpec((None, g, bq, LANES), lambda b_, h, p, st: (b_, h, qt(b_, p, st), 0))]
+        features, q_spec, kv_spec, stat_spec = _block_specs(cfg, aux["qf"].shape[1], _outer(n), _inner(n))
         scratch = [pltpu.VMEM((g, bq, LANES), jnp.float32), pltpu.VMEM((g, bq, LANES), jnp.float32),
                    pltpu.VMEM((bq, g * dp), jnp.float32)]
-        grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=(b, hkv, n),
-                                                 in_specs=in_specs, out_specs=out_specs,
-                                                 scratch_shapes=scratch)
         out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                      jax.ShapeDtypeStruct((b, hkv * g, tp, LANES), jnp.float32)]
-        return pl.pallas_call(functools.partial(_fwd_kernel, cfg=cfg), grid_spec=grid_spec,
-                              out_shape=out_shape, compiler_params=_compiler_params(),
-                              interpret=cfg.interpret,
-                              )(steps[:, :n].reshape(-1), aux["qf"], aux["kf"], q, k, v)
+        return _call(cfg, _fwd_kernel, steps, n, hkv, [*features, q_spec, kv_spec, kv_spec],
+                     [q_spec, stat_spec], scratch, out_shape, aux["qf"], aux["kf"], q, k, v)
 
     return _budgeted(run, total, cfg.row_steps, cfg.full_steps, cfg.checked)
 
@@ -313,23 +330,15 @@ def _forward(cfg: _Config, q, k, v, aux):
 def _dq_kernel(steps_ref, qf_ref, kf_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                acc_sc, *, cfg: _Config):
     first, last, kind = _position(steps_ref)
-    dp = cfg.head_dim
+    pl.when(first)(lambda: _zero(acc_sc))
 
-    @pl.when(first)
-    def _init():
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+    def visit(r, heads, k, v, mask):
+        s = _scores(cfg, q_ref[:, heads], k, mask)
+        p = jnp.exp(s - _lanes(lse_ref[r], cfg.block_k))
+        ds = p * (_dot_nt(do_ref[:, heads], v) - _lanes(delta_ref[r], cfg.block_k))
+        acc_sc[:, heads] += _dot(ds.astype(k.dtype), k)
 
-    def visit(masked):
-        k, v = k_ref[...], v_ref[...]
-        mask = _tile_mask(cfg, qf_ref, kf_ref) if masked else None
-        for r in range(cfg.group):
-            heads = slice(r * dp, (r + 1) * dp)
-            s = _scores(cfg, q_ref[:, heads], k, mask)
-            p = jnp.exp(s - _lanes(lse_ref[r], cfg.block_k))
-            ds = p * (_dot_nt(do_ref[:, heads], v) - _lanes(delta_ref[r], cfg.block_k))
-            acc_sc[:, heads] += _dot(ds.astype(k.dtype), k)
-
-    _visits(kind, visit)
+    _visits(cfg, kind, qf_ref, kf_ref, k_ref, v_ref, visit)
 
     @pl.when(last)
     def _finish():
@@ -339,26 +348,17 @@ def _dq_kernel(steps_ref, qf_ref, kf_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 def _dkv_kernel(steps_ref, qf_ref, kf_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                 dk_ref, dv_ref, dk_sc, dv_sc, *, cfg: _Config):
     first, last, kind = _position(steps_ref)
-    dp = cfg.head_dim
+    pl.when(first)(lambda: _zero(dk_sc, dv_sc))
 
-    @pl.when(first)
-    def _init():
-        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
-        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+    def visit(r, heads, k, v, mask):
+        q, do = q_ref[:, heads], do_ref[:, heads]
+        s = _scores(cfg, q, k, mask)
+        p = jnp.exp(s - _lanes(lse_ref[r], cfg.block_k))
+        dv_sc[...] += _dot(p.T.astype(do.dtype), do)  # transpose in fp32, then cast
+        ds = p * (_dot_nt(do, v) - _lanes(delta_ref[r], cfg.block_k))
+        dk_sc[...] += _dot(ds.T.astype(q.dtype), q)
 
-    def visit(masked):
-        k, v = k_ref[...], v_ref[...]
-        mask = _tile_mask(cfg, qf_ref, kf_ref) if masked else None
-        for r in range(cfg.group):
-            heads = slice(r * dp, (r + 1) * dp)
-            q, do = q_ref[:, heads], do_ref[:, heads]
-            s = _scores(cfg, q, k, mask)
-            p = jnp.exp(s - _lanes(lse_ref[r], cfg.block_k))
-            dv_sc[...] += _dot(p.T.astype(do.dtype), do)  # transpose in fp32, then cast
-            ds = p * (_dot_nt(do, v) - _lanes(delta_ref[r], cfg.block_k))
-            dk_sc[...] += _dot(ds.T.astype(q.dtype), q)
-
-    _visits(kind, visit)
+    _visits(cfg, kind, qf_ref, kf_ref, k_ref, v_ref, visit)
 
     @pl.when(last)
     def _finish():
@@ -374,38 +374,25 @@ def _backward(cfg: _Config, q, k, v, aux, o, lse, do):
     heads = lambda x: x.reshape(b, tp, hq, dp).astype(jnp.float32)  # noqa: E731
     delta = jnp.einsum("bthd,bthd->bht", heads(o), heads(do))
     lanes = lambda x: jnp.broadcast_to(x[..., None], x.shape + (LANES,))  # noqa: E731
-    lse, delta = lanes(lse), lanes(delta)
-    nf = aux["qf"].shape[1]
-    params = dict(compiler_params=_compiler_params(), interpret=cfg.interpret)
+    operands = (aux["qf"], aux["kf"], q, k, v, do, lanes(lse), lanes(delta))
 
     def specs(qt, kt):
-        """Block specs of (q / dq, k / v / dk / dv, lse / delta) and the inputs, for tile lookups qt, kt."""
-        q_spec = pl.BlockSpec((None, bq, g * dp), lambda b_, h, p, st: (b_, qt(b_, p, st), h))
-        kv_spec = pl.BlockSpec((None, bk, dp), lambda b_, h, p, st: (b_, kt(b_, p, st), h))
-        stat_spec = pl.BlockSpec((None, g, bq, LANES), lambda b_, h, p, st: (b_, h, qt(b_, p, st), 0))
-        in_specs = [
-            pl.BlockSpec((None, nf, bq, LANES), lambda b_, h, p, st: (b_, 0, qt(b_, p, st), 0)),
-            pl.BlockSpec((None, nf, SUBLANES, bk), lambda b_, h, p, st: (b_, 0, 0, kt(b_, p, st))),
-            q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec,
-        ]
-        return q_spec, kv_spec, in_specs
-
-    def call(kernel, steps, n, in_specs, out_specs, scratch, out_shape):
-        grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=(b, hkv, n), in_specs=in_specs,
-                                                 out_specs=out_specs, scratch_shapes=scratch)
-        return pl.pallas_call(functools.partial(kernel, cfg=cfg), grid_spec=grid_spec, out_shape=out_shape,
-                              **params)(steps[:, :n].reshape(-1), aux["qf"], aux["kf"], q, k, v, do, lse, delta)
+        """(q / dq spec, k / v / dk / dv spec, input specs) for the tile lookups qt, kt."""
+        features, q_spec, kv_spec, stat_spec = _block_specs(cfg, aux["qf"].shape[1], qt, kt)
+        return q_spec, kv_spec, [*features, q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec]
 
     def run_dq(n):
         q_spec, _, in_specs = specs(_outer(n), _inner(n))
-        return call(_dq_kernel, aux["rows"][0], n, in_specs, q_spec, [pltpu.VMEM((bq, g * dp), jnp.float32)],
-                    jax.ShapeDtypeStruct(q.shape, q.dtype))
+        return _call(cfg, _dq_kernel, aux["rows"][0], n, hkv, in_specs, q_spec,
+                     [pltpu.VMEM((bq, g * dp), jnp.float32)], jax.ShapeDtypeStruct(q.shape, q.dtype),
+                     *operands)
 
     def run_dkv(n):
         _, kv_spec, in_specs = specs(_inner(n), _outer(n))  # column lists: outer = key tile, inner = query tile
-        return call(_dkv_kernel, aux["cols"][0], n, in_specs, [kv_spec, kv_spec],
-                    [pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dp), jnp.float32)],
-                    [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)])
+        return _call(cfg, _dkv_kernel, aux["cols"][0], n, hkv, in_specs, [kv_spec, kv_spec],
+                     [pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dp), jnp.float32)],
+                     [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                     *operands)
 
     dq = _budgeted(run_dq, aux["rows"][1], cfg.row_steps, cfg.full_steps, cfg.checked)
     dk, dv = _budgeted(run_dkv, aux["cols"][1], cfg.col_steps, cfg.full_steps, cfg.checked)

