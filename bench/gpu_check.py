@@ -8,6 +8,7 @@ the exit status is 1 if any check failed or errored.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import traceback
@@ -32,14 +33,21 @@ TOL = {jnp.float32: 2e-4, jnp.bfloat16: 3e-2}
 WRITE = flags.DEFINE_boolean("write", True, "write the tables to bench/results/gpu_check.md")
 
 
+@contextlib.contextmanager
+def guarded(check):
+    """Report an exception as an ERROR row for `check` and go on with the next case or section."""
+    try:
+        yield
+    except Exception as exc:
+        traceback.print_exc()
+        report(check, "ERROR", f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
 def section(fn):
     @functools.wraps(fn)
     def run():
-        try:
+        with guarded(fn.__name__):
             fn()
-        except Exception as exc:  # report and continue with the next section
-            traceback.print_exc()
-            report(fn.__name__, "ERROR", f"{type(exc).__name__}: {str(exc)[:200]}")
     return run
 
 
@@ -51,6 +59,22 @@ def report(check, status, detail):
 def rel_err(a, b):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-6))
+
+
+def compare(check, names, got, ref, tol):
+    """ok if every output is finite and within `tol` relative error of the reference."""
+    errs = [rel_err(g, r) for g, r in zip(got, ref)]
+    finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in got)
+    ok = finite and max(errs) <= tol
+    report(check, "ok" if ok else "FAIL", f"rel err {names} " + " ".join(f"{e:.1e}" for e in errs))
+
+
+def time_all(case, impls, args, tag=""):
+    """Median time of each impl(*args) into TIMINGS; an impl that fails is an ERROR row."""
+    for impl, fn in impls.items():
+        with guarded(f"time {impl}{tag}"):
+            TIMINGS.append((case, impl, median_ms(fn, *args)))
+            print(f"  {impl}: {TIMINGS[-1][2]:.2f} ms", flush=True)
 
 
 def bdlm_spec(batch, length, block, docs):
@@ -110,19 +134,12 @@ def attention_correctness():
     ]
     for name, spec, hq, hkv, d, dtype in cases:
         label = f"attn {name} H{hq}/{hkv} D{d} {jnp.dtype(dtype).name}"
-        try:
+        with guarded(label):
             q, k, v, do = qkv(spec, hq, hkv, d, dtype)
             with jax.default_matmul_precision("highest"):
                 ref = REF(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                           do.astype(jnp.float32), spec)
-            got = pallas()(q, k, v, do, spec)
-            errs = [rel_err(g, r) for g, r in zip(got, ref)]
-            finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in got)
-            ok = finite and max(errs) <= TOL[dtype]
-            report(label, "ok" if ok else "FAIL", "rel err out/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs))
-        except Exception as exc:
-            traceback.print_exc()
-            report(label, "ERROR", f"{type(exc).__name__}: {str(exc)[:200]}")
+            compare(label, "out/dq/dk/dv", pallas()(q, k, v, do, spec), ref, TOL[dtype])
 
 
 @section
@@ -134,13 +151,7 @@ def attention_timing():
         case = f"BDLM L={length} (T=2L) LB={block} docs={docs} B=1 H8/2 D128 bf16 fwd+bwd"
         # (the xla_sparse path is for CPU: its XLA GPU compile at T=8192 took > 3 minutes)
         impls = {"dense XLA": REF, "pallas 64x64": pallas(64, 64), "pallas 128x64": pallas(128, 64)}
-        for impl, fn in impls.items():
-            try:
-                TIMINGS.append((case, impl, median_ms(fn, q, k, v, do, spec)))
-                print(f"  {impl}: {TIMINGS[-1][2]:.2f} ms", flush=True)
-            except Exception as exc:
-                traceback.print_exc()
-                report(f"time {impl} docs={docs}", "ERROR", f"{type(exc).__name__}: {str(exc)[:200]}")
+        time_all(case, impls, (q, k, v, do, spec), tag=f" docs={docs}")
 
 
 def _groups(rows, experts, seed):
@@ -156,7 +167,7 @@ def gmm_correctness():
     for dtype in (jnp.float32, jnp.bfloat16):
         for m, kd, n, e in ((1000, 128, 200, 16),):
             label = f"gmm M{m} K{kd} N{n} E{e} {jnp.dtype(dtype).name}"
-            try:
+            with guarded(label):
                 gs = _groups(m - 40, e, m)  # 40 trailing rows in no group
                 ks = jax.random.split(jax.random.PRNGKey(m), 3)
                 x = jax.random.normal(ks[0], (m, kd), jnp.float32).astype(dtype)
@@ -170,12 +181,7 @@ def gmm_correctness():
                     ref = jax.jit(lambda: run(lambda x, w, g: jax.lax.ragged_dot(
                         x.astype(jnp.float32), w.astype(jnp.float32), g)))()
                 got = jax.jit(lambda: run(lambda x, w, g: gmm_gpu.grouped_matmul(x, w, g)))()
-                errs = [rel_err(a, b) for a, b in zip(got, ref)]
-                ok = max(errs) <= TOL[dtype] and all(bool(jnp.isfinite(a.astype(jnp.float32)).all()) for a in got)
-                report(label, "ok" if ok else "FAIL", "rel err out/dx/dw " + " ".join(f"{x:.1e}" for x in errs))
-            except Exception as exc:
-                traceback.print_exc()
-                report(label, "ERROR", f"{type(exc).__name__}: {str(exc)[:200]}")
+                compare(label, "out/dx/dw", got, ref, TOL[dtype])
 
 
 @section
@@ -189,15 +195,9 @@ def gmm_timing():
 
     def bench(f):
         return jax.jit(jax.grad(lambda x, w: f(x, w, gs).astype(jnp.float32).sum(), (0, 1)))
-    impls = {"ragged_dot": lambda x, w, g: jax.lax.ragged_dot(x, w, g, preferred_element_type=jnp.float32),
-             "pallas gmm": lambda x, w, g: gmm_gpu.grouped_matmul(x, w, g)}
-    for impl, f in impls.items():
-        try:
-            TIMINGS.append((case, impl, median_ms(bench(f), x, w)))
-            print(f"  {impl}: {TIMINGS[-1][2]:.2f} ms", flush=True)
-        except Exception as exc:
-            traceback.print_exc()
-            report(f"time {impl}", "ERROR", f"{type(exc).__name__}: {str(exc)[:200]}")
+    ragged_dot = functools.partial(jax.lax.ragged_dot, preferred_element_type=jnp.float32)
+    impls = {"ragged_dot": bench(ragged_dot), "pallas gmm": bench(gmm_gpu.grouped_matmul)}
+    time_all(case, impls, (x, w))
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ JAX: the step `python -m llada2_jax.main` runs for the `wsd` stage of experiment
 `training.run.make_trainer(WSD(ctx))` and its jitted, donated train step (`Trainer._step_for`),
 i.e. noising + `build_diffusion_batch` + `[MASK]`-embedding noise + `diffusion_loss` + clip + AdamW,
 called back to back as the loop calls it (outputs read at the end). The runtime settings are the
-config's (`model.runtime`, attention_impl "xla" unless --attention_impl overrides it).
+config's (`model.runtime`: attention_impl "xla", remat "none"), or those of each --variants entry.
 
 PyTorch: transformers `LlamaForCausalLM` with the same weights (exported through
 `interop.params.export`), fed the same step-0 batch: the same `[x_t ; x_0]` tokens, positions and
@@ -63,7 +63,9 @@ LENGTHS = _cli.DEFINE_number_list("lengths", "256,1024", "sequence lengths L (th
 BATCH = _cli.DEFINE_number_list("batch", "2,1", "rows per step, one per --lengths entry (or one for all)", lower=1)
 BLOCK = flags.DEFINE_integer("block", 32, "diffusion block size", lower_bound=1)
 STEPS = flags.DEFINE_integer("steps", 2, "timed steps (after one warm-up step)", lower_bound=1)
-ATTENTION = flags.DEFINE_string("attention_impl", None, "override model.runtime.attention_impl (default: the config's)")
+VARIANTS = flags.DEFINE_list(
+    "variants", ["config"], "JAX runtime settings to time, each 'config' (the config's model.runtime) or "
+    "'<attention_impl>:<remat_policy>' (e.g. xla_sparse:none); the torch step is timed once per length")
 TORCH = flags.DEFINE_boolean("torch", True, "also time the PyTorch/transformers step")
 WRITE = flags.DEFINE_boolean("write", True, "write the table to bench/results/train_step.md")
 
@@ -97,14 +99,17 @@ def matmul_peak(n: int = 4096, reps: int = 3) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def build_trainer(length: int, batch: int, workdir: str):
-    """The wsd stage's trainer exactly as `training.run` builds it, on a random SmolLM2-size model."""
+def build_trainer(length: int, batch: int, workdir: str, variant: str = "config"):
+    """The wsd stage's trainer exactly as `training.run` builds it, on a random SmolLM2-size model.
+
+    variant: "config" keeps the config's `model.runtime`; "<attention_impl>:<remat_policy>" overrides both.
+    """
     config = smollm2_config.get_config("wsd")
     config.data.seq_len = length
     config.train.batch_size = batch
     runtime = dict(config.model.runtime)
-    if ATTENTION.value:
-        runtime["attention_impl"] = ATTENTION.value
+    if variant != "config":
+        runtime["attention_impl"], runtime["remat_policy"] = variant.split(":")
     mc = ModelConfig(**SMOLLM2_DIMS, **runtime)
     mesh = mesh_lib.make_mesh(config.mesh)
     layout = ms.ModelLayout.build(mc, dict(mesh.shape))
@@ -224,31 +229,42 @@ def main() -> int:
     print(f"[bench] fp32 matmul peak (XLA, 4096^3): {peak:.0f} GFLOP/s", flush=True)
     rows = []
     for length, batch in zip(lengths, batches):
-        with tempfile.TemporaryDirectory() as workdir:
-            stage, trainer, mc = build_trainer(length, batch, workdir)
-            segment = Segment("bench", 2 + STEPS.value, block)
-            hb = host_batch(length, batch, mc.vocab_size)
-            sec, compile_s, jax_loss0, state = time_jax(stage, trainer, segment, hb, STEPS.value)
-            trainer.checkpointer.close()
-        flops = step_flops(mc, batch, length)
-        tokens = batch * length
-        print(f"[bench] L={length} B={batch} JAX: {sec:.2f} s/step ({compile_s:.0f} s first step), "
-              f"{tokens / sec:.1f} tok/s, {flops / sec / 1e9:.0f} GFLOP/s, loss0 {jax_loss0:.5f}", flush=True)
-        row = [length, batch, mc.attention_impl, f"{flops / 1e9:.0f}", f"{sec:.2f}", f"{tokens / sec:.1f}",
-               f"{flops / sec / 1e9:.0f}", f"{100 * flops / sec / 1e9 / peak:.0f} %"]
+        flops, tokens = None, batch * length
+        jax_rows = []
+        for variant in VARIANTS.value:
+            with tempfile.TemporaryDirectory() as workdir:
+                stage, trainer, mc = build_trainer(length, batch, workdir, variant)
+                segment = Segment("bench", 2 + STEPS.value, block)
+                hb = host_batch(length, batch, mc.vocab_size)
+                try:
+                    sec, compile_s, jax_loss0, state = time_jax(stage, trainer, segment, hb, STEPS.value)
+                finally:
+                    trainer.checkpointer.close()
+                del state
+            flops = step_flops(mc, batch, length)
+            print(f"[bench] L={length} B={batch} JAX {mc.attention_impl}/{mc.remat_policy}: {sec:.2f} s/step "
+                  f"({compile_s:.0f} s first step), {tokens / sec:.1f} tok/s, {flops / sec / 1e9:.0f} GFLOP/s, "
+                  f"loss0 {jax_loss0:.5f}", flush=True)
+            jax_rows.append([length, batch, f"{mc.attention_impl} / {mc.remat_policy}", f"{flops / 1e9:.0f}",
+                             f"{sec:.2f}", f"{tokens / sec:.1f}", f"{flops / sec / 1e9:.0f}",
+                             f"{100 * flops / sec / 1e9 / peak:.0f} %"], )
+            jax_rows[-1].append((sec, jax_loss0))
         if TORCH.value:
-            fresh = trainer.init_weights()  # the step's initial weights (state was updated and donated)
+            fresh = trainer.init_weights()  # the step's initial weights (the timed state was donated)
             from llada2_jax.interop import params as hf_params
             weights = hf_params.export(merge_model(trainer.graphdef, *fresh))
             db, noise = step0_inputs(stage, trainer, segment, hb, fresh[0])
-            del state, fresh
+            del fresh
             t_sec, torch_loss0 = time_torch(mc, weights, db, noise, dict(stage.ctx.optimizer), STEPS.value)
             print(f"[bench] L={length} B={batch} PyTorch: {t_sec:.2f} s/step, {tokens / t_sec:.1f} tok/s, "
                   f"loss0 {torch_loss0:.5f}", flush=True)
-            row += [f"{t_sec:.2f}", f"{tokens / t_sec:.1f}", f"{flops / t_sec / 1e9:.0f}", f"{t_sec / sec:.2f}x",
-                    f"{jax_loss0:.4f} / {torch_loss0:.4f}"]
-        rows.append(row)
-    header = ["L", "batch", "attention", "GFLOP/step", "JAX s/step", "JAX tok/s", "JAX GFLOP/s", "JAX % of peak"]
+        for row in jax_rows:
+            sec, jax_loss0 = row.pop()
+            if TORCH.value:
+                row += [f"{t_sec:.2f}", f"{tokens / t_sec:.1f}", f"{flops / t_sec / 1e9:.0f}", f"{t_sec / sec:.2f}x",
+                        f"{jax_loss0:.4f} / {torch_loss0:.4f}"]
+            rows.append(row)
+    header = ["L", "batch", "attention / remat", "GFLOP/step", "JAX s/step", "JAX tok/s", "JAX GFLOP/s", "JAX % of peak"]
     if TORCH.value:
         header += ["torch s/step", "torch tok/s", "torch GFLOP/s", "JAX vs torch", "step-0 loss JAX / torch"]
     import torch
