@@ -3,6 +3,7 @@
     python bench/decode.py                          # random model of the tiny_wsd size
     python bench/decode.py --workdir=/tmp/tiny_wsd  # the trained tiny_wsd model and its tokenizer
     python bench/decode.py --smollm2                # SmolLM2-135M size (slow)
+    python bench/decode.py --step_costs             # one cached block step vs one AR step, SmolLM2 size
 
 Writes the table to bench/results/decode_random.md, decode_workdir.md or decode_smollm2.md (by
 model source; --nowrite to only print it). One prompt per call (batch 1), greedy. Each
@@ -13,6 +14,16 @@ default rows never stop at EOS (eos_id = the mask id, which is never committed),
 generates exactly gen_length tokens and the lengths are comparable; --stop_at_eos uses the
 tokenizer's EOS instead. Random weights are not confident, so their TPF says nothing about a
 trained model: read tokens/s there.
+
+--step_costs prints the cost of one decoding forward instead (random weights of SmolLM2-135M size
+unless --smollm2 or --workdir): the cached block step (--block_size tokens against the prompt's
+cache) and the AR step (one token), both at prompt length --step_prompt, and their ratio, which is
+the tokens per forward (TPF) a block decoder needs to tie with AR. Each is measured through the
+public decoders as a difference of two runs that differ by whole blocks (gen --block_size vs
+2 x --block_size at threshold 1, i.e. one token per step; the table lists both runs' forwards) and
+share their cache windows, so prefill and compilation cancel out:
+step time = (wall(2 blocks) - wall(1 block)) / (forwards(2 blocks) - forwards(1 block)). Writes
+bench/results/decode_step_costs.md.
 """
 from __future__ import annotations
 
@@ -49,7 +60,15 @@ MAX_POSITIONS = flags.DEFINE_integer(
     "max_positions", 0, "raise the model's max_position_embeddings (timing only: e.g. gen 512 on the tiny_wsd "
     "checkpoint, trained at 512 positions; RoPE without scaling has no position table); 0 keeps it",
     lower_bound=0)
+STEP_COSTS = flags.DEFINE_boolean("step_costs", False, "time one cached block step and one AR step instead")
+STEP_PROMPT = flags.DEFINE_integer("step_prompt", 256, "prompt length of --step_costs", lower_bound=1)
 WRITE = flags.DEFINE_boolean("write", True, "write the table to bench/results/decode_<source>.md")
+
+# SmolLM2-135M (llama, 30 layers, d 576, 9/3 heads, FFN 1536, tied) + the added [MASK] row
+SMOLLM2_SIZE = ModelConfig(vocab_size=49153, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                           rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192,
+                           mask_token_id=49152, eos_token_id=0)
 
 
 def load():
@@ -75,12 +94,56 @@ def timed(fn, repeats, warmup=None):
     return min((fn() for _ in range(repeats)), key=lambda r: r.wall_time)
 
 
+def step_costs(model, prompt, mask_id, name) -> None:
+    """One cached block step vs one AR step at prompt length len(prompt) (see the module docstring)."""
+    block, repeats = BLOCK_SIZE.value, REPEATS.value
+
+    def block_run(blocks):
+        return generate(model, [prompt], gen_length=blocks * block, block_size=block, threshold=1.0,
+                        mask_id=mask_id, eos_id=None, use_cache=True)
+
+    def ar_run(blocks):
+        return generate_ar(model, [prompt], max_new_tokens=blocks * block, eos_id=None)
+
+    rows = []
+    for kind, run in (("cached block step", block_run), ("AR step", ar_run)):
+        one, two = (timed(functools.partial(run, n), repeats) for n in (1, 2))
+        forwards = two.forwards - one.forwards
+        sec = (two.wall_time - one.wall_time) / forwards
+        tokens = (two.num_generated - one.num_generated) / forwards
+        rows.append((kind, sec, tokens, f"{one.forwards} / {two.forwards}"))
+        print(f"  {kind}: {1e3 * sec:.1f} ms/forward over {forwards} forwards, {tokens:.2f} tokens/forward",
+              file=sys.stderr, flush=True)
+    (_, block_sec, block_tpf, block_fw), (_, ar_sec, _, ar_fw) = rows
+    lines = [f"Decode step cost: {name}; prompt {len(prompt)}, block {block}, batch 1, greedy, best of {repeats} "
+             "(difference of a 1-block and a 2-block run, threshold 1: one token per step).", "",
+             "| step | tokens fed | forwards (1 / 2 blocks) | ms / forward | tokens / forward here | tokens/s here "
+             "| vs AR step |",
+             "|---|---:|---:|---:|---:|---:|---:|",
+             f"| cached block step | {block} | {block_fw} | {1e3 * block_sec:.1f} | {block_tpf:.2f} | "
+             f"{block_tpf / block_sec:.1f} | {block_sec / ar_sec:.2f}x |",
+             f"| AR step | 1 | {ar_fw} | {1e3 * ar_sec:.1f} | 1.00 | {1 / ar_sec:.1f} | 1.00x |", "",
+             f"A block decoder ties with AR at {block_sec / ar_sec:.2f} tokens per forward (cached block step / "
+             f"AR step); at TPF k its tokens/s is k x {1 / block_sec:.1f}."]
+    _results.publish("decode_step_costs", "\n".join(lines), WRITE.value)
+
+
 def main() -> int:
     if WORKDIR.value and SMOLLM2.value:
         raise app.UsageError("--workdir and --smollm2 are alternatives; pass one of them (or neither)")
     if WORKDIR.value and not os.path.isdir(WORKDIR.value):
         raise app.UsageError(f"--workdir={WORKDIR.value}: no such directory")
     block_size, repeats = BLOCK_SIZE.value, REPEATS.value
+    if STEP_COSTS.value:
+        if WORKDIR.value or SMOLLM2.value:
+            model, longest, mask_id, _, name = load()
+            prompt = (longest * (1 + STEP_PROMPT.value // max(len(longest), 1)))[:STEP_PROMPT.value]
+        else:
+            model, mask_id = Transformer(SMOLLM2_SIZE, rngs=nnx.Rngs(0)), SMOLLM2_SIZE.mask_token_id
+            prompt = np.random.default_rng(0).integers(3, 49000, STEP_PROMPT.value).tolist()
+            name = "random weights, SmolLM2-135M size (+ [MASK])"
+        step_costs(model, prompt, mask_id, name)
+        return 0
     model, longest, mask_id, eos_id, name = load()
     if MAX_POSITIONS.value:
         if model.config.rope_scaling_dict:

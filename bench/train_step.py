@@ -48,7 +48,6 @@ from absl import app, flags
 import _cli
 import _results
 from llada2_jax.configs import smollm2 as smollm2_config
-from llada2_jax.diffusion import masks
 from llada2_jax.model.config import ModelConfig
 from llada2_jax.training import mesh as mesh_lib
 from llada2_jax.training import model_source as ms
@@ -65,7 +64,8 @@ BLOCK = flags.DEFINE_integer("block", 32, "diffusion block size", lower_bound=1)
 STEPS = flags.DEFINE_integer("steps", 2, "timed steps (after one warm-up step)", lower_bound=1)
 VARIANTS = flags.DEFINE_list(
     "variants", ["config"], "JAX runtime settings to time, each 'config' (the config's model.runtime) or "
-    "'<attention_impl>:<remat_policy>' (e.g. xla_sparse:none); the torch step is timed once per length")
+    "'<attention_impl>:<remat_policy>' (e.g. xla_sparse:none), optionally for one length only as "
+    "'<L>/<variant>' (e.g. 256/config); the torch step is timed once per length")
 TORCH = flags.DEFINE_boolean("torch", True, "also time the PyTorch/transformers step")
 WRITE = flags.DEFINE_boolean("write", True, "write the table to bench/results/train_step.md")
 
@@ -231,7 +231,10 @@ def main() -> int:
     for length, batch in zip(lengths, batches):
         flops, tokens = None, batch * length
         jax_rows = []
-        for variant in VARIANTS.value:
+        for entry in VARIANTS.value:
+            only, _, variant = entry.rpartition("/")
+            if only and int(only) != length:
+                continue
             with tempfile.TemporaryDirectory() as workdir:
                 stage, trainer, mc = build_trainer(length, batch, workdir, variant)
                 segment = Segment("bench", 2 + STEPS.value, block)
@@ -264,6 +267,11 @@ def main() -> int:
                 row += [f"{t_sec:.2f}", f"{tokens / t_sec:.1f}", f"{flops / t_sec / 1e9:.0f}", f"{t_sec / sec:.2f}x",
                         f"{jax_loss0:.4f} / {torch_loss0:.4f}"]
             rows.append(row)
+        publish(rows, peak, block)  # after every length: a later length that runs out of memory keeps these
+    return 0
+
+
+def publish(rows, peak, block):
     header = ["L", "batch", "attention / remat", "GFLOP/step", "JAX s/step", "JAX tok/s", "JAX GFLOP/s", "JAX % of peak"]
     if TORCH.value:
         header += ["torch s/step", "torch tok/s", "torch GFLOP/s", "JAX vs torch", "step-0 loss JAX / torch"]
@@ -275,7 +283,6 @@ def main() -> int:
                f"in the same run: {peak:.0f} GFLOP/s (XLA 4096^3 dot). Mean of {STEPS.value} steps after "
                "two warm-up steps; tokens/s counts L tokens per row. FLOPs counted as in the script's docstring.")
     _results.publish("train_step", f"{caption}\n\n{_results.markdown_table(header, rows)}", WRITE.value)
-    return 0
 
 
 if __name__ == "__main__":

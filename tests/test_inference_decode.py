@@ -91,37 +91,42 @@ def eos_in_second_block(model, prompt, gen_length, threshold, steps):
     raise AssertionError("no token first appears in the second block; pick another seed")
 
 
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("seed,threshold,steps", [(0, 0.9, L), (3, 0.6, 3), (1, 1.0, 5), (0, 0.0, L)])
-def test_matches_reference_loop(seed, threshold, steps):
+def test_matches_reference_loop(seed, threshold, steps, fuse):
     model = confident_model(seed)
     eos = eos_in_second_block(model, PROMPT, 24, threshold, steps)
     want, ref_forwards, blocks, paths = reference_decode(model, PROMPT, 24, threshold, steps, eos)
     res = generate(model, [PROMPT], gen_length=24, block_size=L, threshold=threshold, steps=steps,
-                   mask_id=MASK, eos_id=eos)
+                   mask_id=MASK, eos_id=eos, fuse_refresh=fuse)
     assert res.tokens == [want]
     assert want[-1] == eos and len(want) < 24
-    assert res.forwards == ref_forwards + 1 + (blocks - 1)  # + prefill + one refresh per finished block
+    # + the prefill, + one refresh forward per finished block unless it rides on the next block's first
+    assert res.forwards == ref_forwards + 1 + (0 if fuse else blocks - 1)
     assert res.num_generated == len(want) - 1
     if threshold == 0.9:
         assert paths == {"threshold", "fallback"}
 
 
-def test_cached_equals_uncached_and_accepts_several_per_step():
+@pytest.mark.parametrize("fuse", [True, False])
+def test_cached_equals_uncached_and_accepts_several_per_step(fuse):
     model = confident_model(0)
     kw = dict(gen_length=13, block_size=L, threshold=0.7, mask_id=MASK, eos_id=62)
-    cached = generate(model, [PROMPT], use_cache=True, **kw)
+    cached = generate(model, [PROMPT], use_cache=True, fuse_refresh=fuse, **kw)
     uncached = generate(model, [PROMPT], use_cache=False, **kw)
     assert cached.tokens == uncached.tokens
     assert uncached.forwards < cached.num_generated  # some step committed more than one token
-    assert cached.forwards == uncached.forwards + 1 + 1  # prefill + the refresh of block 1 (blocks 1, 2 decoded)
+    # the prefill, + the refresh of block 1 (blocks 1, 2 decoded) unless fused into block 2's first step
+    assert cached.forwards == uncached.forwards + 1 + (0 if fuse else 1)
 
 
-def test_cached_equals_uncached_across_cache_windows():
+@pytest.mark.parametrize("fuse", [True, False])
+def test_cached_equals_uncached_across_cache_windows(fuse):
     """Canvas of 8 blocks: the cache grows through windows of 2, 4 and 8 blocks (rows start apart)."""
     model = confident_model(1)
     kw = dict(gen_length=45, block_size=L, threshold=0.8, mask_id=MASK, eos_id=MASK)  # never stops early
     prompts = [PROMPT, PROMPT[:3]]
-    cached = generate(model, prompts, use_cache=True, **kw)
+    cached = generate(model, prompts, use_cache=True, fuse_refresh=fuse, **kw)
     uncached = generate(model, prompts, use_cache=False, **kw)
     assert cached.tokens == uncached.tokens
     assert [len(t) for t in cached.tokens] == [45, 45]
@@ -153,8 +158,8 @@ def test_head_runs_only_on_masked_rows_and_matches_the_full_block(greedy):
     # row 3: nothing needed (a refresh forward)
     knobs = decode._Knobs(None, None, jnp.float32(0.8), jnp.float32(0.9), jnp.int32(MASK), None,
                           jax.random.split(jax.random.PRNGKey(3), 4))
-    plan = decode._Plan(block_size=L, prefill_len=0, window=0, cached=True, greedy=greedy, top_k=None,
-                        use_top_p=not greedy)
+    plan = decode._Plan(block_size=L, prefill_len=0, window=0, cached=True, fuse_refresh=True, greedy=greedy,
+                        top_k=None, use_top_p=not greedy)
     key_of = functools.partial(decode.sampling.position_keys, knobs.key, jnp.asarray([0, 3, 1, 2]))
     cand, conf = jax.jit(lambda h, n: decode._propose_masked(model, h, n, knobs, plan, key_of))(hidden, jnp.asarray(need))
     want_cand, want_conf = decode.sampling.propose(
@@ -272,10 +277,12 @@ def test_constant_model_logits_are_as_set():
     ({7: 0.5}, 0.95, 5, 7, 1 + (3 + 5 + 5 + 5) + 3),  # quota 2, 2, 2, 1, 1
     ({MASK: 0.9, 7: 0.096}, 0.95, None, 7, 1 + 4 + 3),  # [MASK] is the argmax: 7 has 0.96 without it
 ])
-def test_threshold_fallback_and_quota(probs, threshold, steps, want_token, want_forwards):
+@pytest.mark.parametrize("fuse", [True, False])
+def test_threshold_fallback_and_quota(probs, threshold, steps, want_token, want_forwards, fuse):
     model = constant_model(probs)
     res = generate(model, [PROMPT], gen_length=24, block_size=L, threshold=threshold, steps=steps,
-                   mask_id=MASK, eos_id=62)
+                   mask_id=MASK, eos_id=62, fuse_refresh=fuse)
+    want_forwards -= 3 if fuse else 0  # the 3 refreshes ride on the next blocks' first forwards
     assert res.tokens == [[want_token] * 24]
     assert res.forwards == want_forwards
     assert res.tpf == pytest.approx(24 / want_forwards)

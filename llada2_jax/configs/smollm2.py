@@ -102,5 +102,20 @@ def convert() -> ml_collections.ConfigDict:
     return c
 
 
+def quick() -> ml_collections.ConfigDict:
+    """`convert` on a budget that fits the README's ~20 minutes on 2 CPU cores: the same stages and
+    ladder with one step per phase, 10 SFT and 6 CAP steps, no held-out loss evaluations, and a
+    compare on 32 items at thresholds 0.7 and 0.9. It shows the whole chain run; `convert` (and
+    more, bench/gpu_convert.sh) is what moves accuracy."""
+    c = convert()
+    c.data.seq_len = 256
+    c.train.update(dict(batch_size=4, eval_batches=0, log_every=1))
+    c.wsd.update(dict(warmup_sizes=(1, 4), steps_per_warmup=1, stable_steps=2, steps_per_decay=1, warmup_steps=1,
+                      noise_steps=2))
+    c.sft.steps, c.cap.steps = 10, 6
+    c.compare.update(dict(count=32, thresholds=(0.7, 0.9), speed_items=2))
+    return c
+
+
 def get_config(stage: str = "wsd") -> ml_collections.ConfigDict:
-    return select("smollm2", stage, dict(wsd=wsd, sft=sft, cap=cap, dpo=dpo, convert=convert))
+    return select("smollm2", stage, dict(wsd=wsd, sft=sft, cap=cap, dpo=dpo, convert=convert, quick=quick))

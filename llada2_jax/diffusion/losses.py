@@ -164,7 +164,6 @@ def _head_pass(h, head, targets, sel, weights, n_rows, cap_weight: float, chunk:
         return (g_ce, g_cap), (ce, correct, entropy, dh_ce, dh_cap)
 
     def skip(carry, x):
-        hk = x[0]
         out = (zeros_c, jnp.zeros((chunk,), bool), zeros_c)
         if grad:
             dh = jnp.zeros((chunk, d), jnp.float32)

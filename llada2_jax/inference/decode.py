@@ -14,9 +14,10 @@ Cached path: the prompt's full blocks are prefilled once (length bucketed, see `
 each step feeds only the L_B tokens of each row's current block at their absolute positions,
 writes their K/V into the cache slots of that block and attends to slots < block end. The cache
 holds only the window (a bucket of blocks, at most the canvas) and grows between windows,
-so attention covers the live prefix rather than the whole canvas. A completed block is refreshed
-by one extra forward on its final tokens (not folded into the next block's first step, so every
-forward feeds exactly L_B tokens per row and has one static shape). Junk that the prefill or a
+so attention covers the live prefix rather than the whole canvas. A completed block's cache
+still holds the K/V of its masked inputs, so it is refreshed with its final tokens: by default
+inside the next block's first forward (`fuse_refresh`: that forward feeds 2 L_B tokens per row,
+every other forward L_B; spec §9.2's "could be fused"), else by one extra forward of its own. Junk that the prefill or a
 finished row writes into later slots is always overwritten before any query can see it, because
 a block's queries only see slots up to their own block's end and every forward writes all slots
 of the block it feeds (writes past the window are dropped; only finished rows make them).
@@ -53,6 +54,7 @@ class _Plan:
     prefill_len: int  # cached path: prompt slots prefilled (0 = no full prompt block in any row)
     window: int  # cache length (cached) or model input length (uncached) of one window
     cached: bool
+    fuse_refresh: bool  # cached path: refresh a completed block inside the next block's first forward
     greedy: bool
     top_k: int | None
     use_top_p: bool
@@ -78,7 +80,7 @@ class _Loop(NamedTuple):
     x: jax.Array  # (B, T) canvas
     block: jax.Array  # (B,) current block per row
     step: jax.Array  # (B,) denoising step within the current block
-    refresh: jax.Array  # (B,) bool: the next forward refreshes the completed block
+    refresh: jax.Array  # (B,) bool: the completed block's cache is stale (the next forward refreshes it)
     done: jax.Array  # (B,) bool
     forwards: jax.Array  # () model calls for the batch
     row_forwards: jax.Array  # (B,) model calls while the row was unfinished
@@ -94,11 +96,32 @@ def slot_mask(positions, num_slots: int, block_size: int) -> MaskSpec:
 
 
 def _block_hidden(model, loop: _Loop, idx, tokens, plan: _Plan):
-    """Final hidden states (B, L_B, d) of each row's current block, and the updated cache."""
+    """Final hidden states (B, L_B, d) of each row's current block, and the updated cache.
+
+    Fused refresh: when some row's previous block is stale, every row feeds its previous block's
+    final tokens in front of its current block (2 L_B tokens): the previous block's K/V are
+    rewritten exactly as a separate refresh forward would (its queries see blocks <= its own),
+    and the current block attends to them. Rows whose previous block is already exact rewrite the
+    same values; a row at block 0 feeds its block twice (same slots, same values).
+    """
     if plan.cached:
-        out = model.forward(tokens, idx, slot_mask(idx, plan.window, plan.block_size), cache=loop.cache,
-                            compute_logits=False)
-        return out.hidden, out.cache
+        def forward(positions, tokens):
+            return model.forward(tokens, positions, slot_mask(positions, plan.window, plan.block_size),
+                                 cache=loop.cache, compute_logits=False)
+
+        def plain():
+            out = forward(idx, tokens)
+            return out.hidden, out.cache
+
+        def fused():
+            prev = jnp.where(idx >= plan.block_size, idx - plan.block_size, idx)
+            out = forward(jnp.concatenate([prev, idx], axis=1),
+                          jnp.concatenate([jnp.take_along_axis(loop.x, prev, axis=1), tokens], axis=1))
+            return out.hidden[:, plan.block_size:], out.cache
+
+        if not plan.fuse_refresh:
+            return plain()
+        return jax.lax.cond(jnp.any(loop.refresh & ~loop.done), fused, plain)
     b, w = loop.x.shape[0], plan.window
     positions = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
     spec = MaskSpec.block_causal(jnp.ones((b, w), jnp.int32), plan.block_size)
@@ -151,7 +174,7 @@ def _step(model, loop: _Loop, rows: _Rows, knobs: _Knobs, plan: _Plan) -> _Loop:
     hidden, cache = _block_hidden(model, loop, idx, tokens, plan)
 
     active = ~loop.done
-    decoding = active & ~loop.refresh
+    decoding = active & ~loop.refresh if not plan.fuse_refresh else active
     undecided = (tokens == knobs.mask_id) & (idx >= rows.prompt_len[:, None])
     need = undecided & decoding[:, None]
     # keys from (row, block, step, position): the cached and uncached paths draw the same numbers
@@ -167,10 +190,11 @@ def _step(model, loop: _Loop, rows: _Rows, knobs: _Knobs, plan: _Plan) -> _Loop:
     generated = (col >= rows.prompt_len[:, None]) & (col < seen_end[:, None])
     eos = jnp.any((x == knobs.eos_id) & generated, axis=-1)
     finish = complete & (eos | (loop.block == rows.last_block))
-    if plan.cached:
+    if plan.cached and not plan.fuse_refresh:
         advance, refresh = active & loop.refresh, complete & ~finish
-    else:
-        advance, refresh = complete & ~finish, loop.refresh
+    else:  # uncached: nothing to refresh; fused: the next forward refreshes (every stale row at once)
+        advance = complete & ~finish
+        refresh = advance if plan.cached else loop.refresh
     return _Loop(x, loop.block + advance, jnp.where(advance, 0, loop.step + decoding), refresh,
                  loop.done | finish, loop.forwards + 1, loop.row_forwards + active, cache)
 
@@ -262,7 +286,7 @@ def _check_args(config, longest_prompt, gen_length, block_size, threshold, steps
 def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold: float = 0.95,
              steps: int | None = None, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, mask_id: int | None = None, eos_id: int | None, use_cache: bool = True,
-             rng=None) -> GenerationResult:
+             fuse_refresh: bool = True, rng=None) -> GenerationResult:
     """Block-wise threshold decoding of a batch of prompts (lists of token ids).
 
     Per block and step: commit every masked position whose confidence exceeds `threshold`, else
@@ -273,7 +297,9 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     temperature > 0 a draw depends on (row key, block, step, position), so use_cache changes no
     token. rng is one key or one key per prompt (`sampling.batch_keys`); either way each row equals
     running its prompt alone with the same key, and repeated prompts in one batch sample
-    differently. Greedy rows always equal single-prompt runs.
+    differently. Greedy rows always equal single-prompt runs. `fuse_refresh` (cached path) folds
+    each completed block's cache refresh into the next block's first forward instead of spending
+    a forward on it; the tokens are the same either way.
     """
     arrays = check_prompts(prompts, model.config.vocab_size, allow_empty=True)
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
@@ -293,7 +319,8 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     quota[:schedule.size] = schedule
     plan = _Plan(block_size=block_size,
                  prefill_len=block_size * bucket(full_blocks) if use_cache and full_blocks else 0,
-                 window=0, cached=use_cache, greedy=temperature == 0, top_k=top_k, use_top_p=top_p is not None)
+                 window=0, cached=use_cache, fuse_refresh=use_cache and fuse_refresh, greedy=temperature == 0,
+                 top_k=top_k, use_top_p=top_p is not None)
     rows = _Rows(jnp.asarray(prompt_len), jnp.asarray(num_blocks - 1, jnp.int32),
                  jnp.asarray(prompt_len + gen_length, jnp.int32))
     knobs = _Knobs(jnp.asarray(quota), jnp.float32(threshold), jnp.float32(max(temperature, 1e-6)),

@@ -186,12 +186,15 @@ class Trainer:
                 (loss, metrics), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grad_sum, (losses, metrics) = jax.lax.scan(
-                body, zeros, (self._micro_batches(batch), jnp.arange(accum)))
-            grads = jax.tree.map(lambda g: g / accum, grad_sum)
-            loss = jnp.mean(losses)
-            metrics = _mean_over_micro(metrics)
+            if accum == 1:  # no accumulation buffer: no params-sized zeros and adds (same key as micro-batch 0)
+                (loss, metrics), grads = grad_fn(state.params, batch, jax.random.fold_in(rng, 0))
+            else:
+                zeros = jax.tree.map(jnp.zeros_like, state.params)
+                grad_sum, (losses, metrics) = jax.lax.scan(
+                    body, zeros, (self._micro_batches(batch), jnp.arange(accum)))
+                grads = jax.tree.map(lambda g: g / accum, grad_sum)
+                loss = jnp.mean(losses)
+                metrics = _mean_over_micro(metrics)
             grad_norm = optax.tree.norm(grads)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
