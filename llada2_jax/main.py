@@ -16,7 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "experiments/tiny_wsd.py", "experiment config file", lock_config=True)
+config_flags.DEFINE_config_file("config", "experiments/smollm2_quick.py", "experiment config file",
+                                lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
 
 
