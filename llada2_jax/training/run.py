@@ -201,7 +201,7 @@ class Run:
         cls = get_stage(name)
         if issubclass(cls, TrainStage):
             return cls(ctx)
-        scorer = cls.scorer_name(ctx.cfg)
+        scorer = cls.scorer_name(ctx.cfg) if hasattr(cls, "scorer_name") else None
         return cls(ctx, self.stage(scorer) if scorer else None)
 
     def run_stage(self, name: str) -> None:

@@ -22,12 +22,8 @@ SHOWN_THRESHOLD = 0.9
 class Compare:
 
     def __init__(self, ctx: StageContext, scorer=None):
-        """`scorer` is unused: each stage is scored by decoding, not by another stage's loss."""
+        """No `scorer_name`: each stage is scored by decoding, not by another stage's loss."""
         self.ctx, self.cfg = ctx, ctx.cfg
-
-    @staticmethod
-    def scorer_name(cfg) -> None:
-        return None
 
     @classmethod
     def validate(cls, config, name) -> None:
