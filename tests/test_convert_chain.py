@@ -57,8 +57,11 @@ def test_twin_gets_the_chain_steps_and_the_run_output_stays_the_chain(run_dir):
 def test_twin_starts_from_the_source_not_from_the_chain(run_dir):
     workdir, config = run_dir
     run = Run(config, workdir)
-    assert run.context("ar_sft").init_weights == run.source_weights
-    assert run.context("sft").init_weights == run.initial_weights
+    try:
+        assert run.context("ar_sft").init_weights == run.source_weights
+        assert run.context("sft").init_weights == run.initial_weights
+    finally:
+        run.logger.close()
 
 
 def test_compare_scores_every_stage_with_reasoning_gym(run_dir):
