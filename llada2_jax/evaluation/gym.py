@@ -25,14 +25,14 @@ from collections.abc import Callable, Sequence
 
 from llada2_jax.data import gym_tasks
 from llada2_jax.data.tokenizers import Tokenizer
+from llada2_jax.evaluation import tasks
 
 DecodeFn = Callable[[list[list[int]]], object]
 
 
 def prompt_ids(tokenizer: Tokenizer, item: gym_tasks.TaskItem) -> list[int]:
     """The question as one user turn plus the assistant header: the SFT data's prompt layout."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": item.question}],
-                                         add_generation_prompt=True)
+    return tasks.gsm8k_prompt(tokenizer, item.question)
 
 
 def answer_text(tokenizer: Tokenizer, ids: Sequence[int]) -> str:

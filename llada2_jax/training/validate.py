@@ -39,8 +39,7 @@ def resolve_config(config):
             resolved.tokenizer.path = os.path.join(init_from, wd.TOKENIZER_DIR)
     names = [s.strip() for s in str(resolved.stages).split(",") if s.strip()]
     for name in names:
-        if stages_lib.STAGES.get(name) is not None and getattr(stages_lib.STAGES[name], "branch", False) \
-                and resolved[name].steps == 0:
+        if getattr(stages_lib.STAGES.get(name), "branch", False) and resolved[name].steps == 0:
             with resolved.unlocked():
                 resolved[name].steps = _chain_steps(resolved, names)
     return resolved
@@ -169,7 +168,9 @@ def validate_config(config, num_devices: int) -> None:
     _check_train(config, num_devices)
     if config.get("init_from", ""):
         _check_init_from(config.init_from)
-    if gym_tasks.CORPUS_NAME in [str(config.data.corpora)] + [config[n].get("data") for n in names if n in config]:
+    uses_gym = "compare" in names or gym_tasks.CORPUS_NAME in (
+        [str(config.data.corpora)] + [config[n].get("data") for n in names if n in config])
+    if uses_gym:
         _check_gym(config)
     for name in names:
         stages_lib.get_stage(name).validate(config, name)

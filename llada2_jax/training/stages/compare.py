@@ -35,10 +35,6 @@ class Compare:
             raise ValueError(f"{name}.speed_items={cfg.speed_items} must be >= 0")
         if not cfg.thresholds or not all(0 < t <= 1 for t in cfg.thresholds):
             raise ValueError(f"{name}.thresholds={tuple(cfg.thresholds)} must be numbers in (0, 1]")
-        try:
-            gym_tasks.parse_tasks(config.gym.tasks)
-        except ValueError as e:
-            raise ValueError(f"gym.tasks: {e}") from None
 
     def run(self) -> None:
         ctx, cfg = self.ctx, self.cfg

@@ -37,6 +37,12 @@ class CorpusStage(TrainStage):
         return StageData(ds)
 
 
+def ar_nll_sums(model, db) -> dict:
+    """Held-out sums of an AR batch: total next-token NLL and the number of loss tokens."""
+    loss, metrics = losses.ar_loss(model, db)
+    return {"nll_sum": loss * metrics["n_tokens"], "tokens": metrics["n_tokens"].astype(jnp.float32)}
+
+
 class ARPretrain(CorpusStage):
     """Plain next-token prediction with a causal document mask (how the tiny base is made)."""
 
@@ -56,9 +62,8 @@ class ARPretrain(CorpusStage):
         return loss, out
 
     def evaluate(self, segment, model, batch, rng):
-        db = layout.ar_batch(batch["tokens"], batch["segment_ids"], batch["positions"], batch["loss_mask"])
-        loss, metrics = losses.ar_loss(model, db)
-        return {"nll_sum": loss * metrics["n_tokens"], "tokens": metrics["n_tokens"].astype(jnp.float32)}
+        return ar_nll_sums(model, layout.ar_batch(batch["tokens"], batch["segment_ids"], batch["positions"],
+                                                  batch["loss_mask"]))
 
 
 class WSD(CorpusStage):

@@ -25,6 +25,7 @@ from llada2_jax.diffusion import layout, losses, schedules
 from llada2_jax.evaluation.likelihood import mc_elbo_loglik
 from llada2_jax.training import objectives
 from llada2_jax.training.stages.base import StageData, TrainStage
+from llada2_jax.training.stages.pretrain import ar_nll_sums
 from llada2_jax.training.trainer import Segment
 
 GSM8K = "gsm8k"
@@ -188,8 +189,7 @@ class ARSFT(SFT):
         return loss, {"masked_accuracy": metrics["accuracy"]}
 
     def evaluate(self, segment, model, batch, rng):
-        loss, metrics = losses.ar_loss(model, self._ar_batch(batch))
-        return {"nll_sum": loss * metrics["n_tokens"], "tokens": metrics["n_tokens"].astype(jnp.float32)}
+        return ar_nll_sums(model, self._ar_batch(batch))
 
     def summarize_eval(self, sums):
         return {"response_nll": sums["nll_sum"] / max(sums["tokens"], 1.0)}
