@@ -76,6 +76,7 @@ def convert() -> ml_collections.ConfigDict:
     c = base_config()
     c.stages = "wsd,sft,cap,ar_sft,compare"
     c.model.source = "gguf:smollm2"
+    c.model.runtime.attention_impl = "auto"  # CPU: xla_sparse on the block-diffusion mask (bench/train_step.py)
     c.tokenizer.kind = "smollm2"
     c.data.update(dict(corpora="gym", seq_len=512))
     c.gym.update(dict(tasks="word_sequence_reversal,rotate_matrix", seed=0, train_items=3000, heldout_items=32))

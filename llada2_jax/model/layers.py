@@ -14,10 +14,42 @@ def rms_norm(x, weight, eps: float):
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
+@jax.custom_vjp
 def swiglu(x, w_gate, w_up, w_down):
-    """down(silu(gate(x)) * up(x)), bias-free."""
-    h = jax.nn.silu(x @ w_gate) * (x @ w_up)
-    return h @ w_down
+    """down(silu(gate(x)) * up(x)), bias-free.
+
+    The hand-written backward (below) is the same math as autodiff's; it exists for speed: it
+    contracts the weight gradients over the flattened rows with `dot_general` instead of letting
+    XLA transpose the activations first, which made the MLP backward ~15 % slower on the CPU
+    (bench/train_step.py).
+    """
+    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def _swiglu_forward(x, w_gate, w_up, w_down):
+    gate, up = x @ w_gate, x @ w_up
+    return (jax.nn.silu(gate) * up) @ w_down, (x, gate, up, w_gate, w_up, w_down)
+
+
+def _rows_transposed_dot(a, b):
+    """a^T @ b over all leading (row) axes: (..., m), (..., n) -> (m, n)."""
+    a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    return jax.lax.dot_general(a2, b2, (((0,), (0,)), ((), ())))
+
+
+def _swiglu_backward(residuals, dy):
+    x, gate, up, w_gate, w_up, w_down = residuals
+    sig = jax.nn.sigmoid(gate)
+    act = gate * sig  # silu(gate)
+    dh = dy @ w_down.T
+    d_gate = dh * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s (1 + g (1 - s))
+    d_up = dh * act
+    dx = d_gate @ w_gate.T + d_up @ w_up.T
+    return (dx, _rows_transposed_dot(x, d_gate), _rows_transposed_dot(x, d_up),
+            _rows_transposed_dot(act * up, dy))
+
+
+swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 
 
 def rope_frequencies(config) -> tuple[jax.Array, float]:
