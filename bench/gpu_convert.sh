@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The SmolLM2-135M conversion chain (experiments/smollm2_convert.py) on one GPU, with 20x the data
-# tokens of the CPU preset: 4x the rows per step (16 x 512) and 5x the steps, every layer trained,
+# tokens of the CPU preset: 4x the rows per step (16 x 256) and 5x the steps, every layer trained,
 # bf16 compute, the Pallas attention kernel; then the compare stage on 200 held-out items at every
 # threshold, and the table into bench/results/gpu_convert.md. Target: <= 9 minutes on an H100/H200.
 #
@@ -16,9 +16,9 @@ start=$(date +%s)
 python -m llada2_jax.main --config=experiments/smollm2_convert.py --workdir="$workdir" \
   --config.model.runtime.attention_impl=auto --config.model.runtime.dtype=bfloat16 \
   --config.train.batch_size=16 --config.train.eval_batch_size=16 --config.train.frozen_layers=0 \
-  --config.train.log_every=10 --config.train.checkpoint_every=50 --config.gym.train_items=20000 \
-  --config.wsd.steps_per_warmup=10 --config.wsd.stable_steps=30 --config.wsd.steps_per_decay=10 \
-  --config.sft.steps=150 --config.cap.steps=75 \
-  --config.compare.count=200 --config.compare.speed_items=16 --config.compare.batch_size=32
+  --config.train.log_every=10 --config.train.checkpoint_every=100 --config.gym.train_items=40000 \
+  --config.wsd.steps_per_warmup=20 --config.wsd.stable_steps=80 --config.wsd.steps_per_decay=20 \
+  --config.sft.steps=600 --config.cap.steps=150 \
+  --config.compare.count=200 --config.compare.speed_items=16 --config.compare.batch_size=40
 echo "[gpu_convert] chain + compare: $(( $(date +%s) - start )) s"
 python bench/convert_report.py --workdir="$workdir" --name=gpu_convert
