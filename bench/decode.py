@@ -16,11 +16,11 @@ tokenizer's EOS instead. Random weights are not confident, so their TPF says not
 trained model: read tokens/s there.
 
 --step_costs prints the cost of one decoding forward instead (random weights of SmolLM2-135M size
-unless --smollm2 or --workdir): the cached block step (--block_size tokens against the prompt's
-cache) and the AR step (one token), both at prompt length --step_prompt, and their ratio, which is
+unless --smollm2 or --workdir): the cached block step (each --step_blocks size, tokens against the
+prompt's cache) and the AR step (one token), both at prompt length --step_prompt, and their ratio, which is
 the tokens per forward (TPF) a block decoder needs to tie with AR. Each is measured through the
-public decoders as a difference of two runs that differ by whole blocks (gen --block_size vs
-2 x --block_size at threshold 1, i.e. one token per step; the table lists both runs' forwards) and
+public decoders as a difference of two runs that differ by whole blocks (gen one block vs
+two blocks at threshold 1, i.e. one token per step; the table lists both runs' forwards) and
 share their cache windows, so prefill and compilation cancel out:
 step time = (wall(2 blocks) - wall(1 block)) / (forwards(2 blocks) - forwards(1 block)). Writes
 bench/results/decode_step_costs.md.
@@ -37,6 +37,7 @@ from absl import app, flags
 from flax import nnx
 
 import _cli
+import _flops
 import _results
 from llada2_jax.inference import generate, generate_ar
 from llada2_jax.model import ModelConfig, Transformer
@@ -62,6 +63,7 @@ MAX_POSITIONS = flags.DEFINE_integer(
     lower_bound=0)
 STEP_COSTS = flags.DEFINE_boolean("step_costs", False, "time one cached block step and one AR step instead")
 STEP_PROMPT = flags.DEFINE_integer("step_prompt", 256, "prompt length of --step_costs", lower_bound=1)
+STEP_BLOCKS = _cli.DEFINE_number_list("step_blocks", "32,16", "block sizes of --step_costs", lower=1)
 WRITE = flags.DEFINE_boolean("write", True, "write the table to bench/results/decode_<source>.md")
 
 # SmolLM2-135M (llama, 30 layers, d 576, 9/3 heads, FFN 1536, tied) + the added [MASK] row
@@ -95,36 +97,50 @@ def timed(fn, repeats, warmup=None):
 
 
 def step_costs(model, prompt, mask_id, name) -> None:
-    """One cached block step vs one AR step at prompt length len(prompt) (see the module docstring)."""
-    block, repeats = BLOCK_SIZE.value, REPEATS.value
+    """One cached block step per --step_blocks size vs one AR step, at prompt length len(prompt)."""
+    repeats, mc = REPEATS.value, model.config
 
-    def block_run(blocks):
-        return generate(model, [prompt], gen_length=blocks * block, block_size=block, threshold=1.0,
-                        mask_id=mask_id, eos_id=None, use_cache=True)
-
-    def ar_run(blocks):
-        return generate_ar(model, [prompt], max_new_tokens=blocks * block, eos_id=None)
-
-    rows = []
-    for kind, run in (("cached block step", block_run), ("AR step", ar_run)):
-        one, two = (timed(functools.partial(run, n), repeats) for n in (1, 2))
+    def difference(run, unit):
+        """(s/forward, tokens/forward, forwards label) from a 1-unit and a 2-unit run."""
+        one, two = (timed(functools.partial(run, n * unit), repeats) for n in (1, 2))
         forwards = two.forwards - one.forwards
-        sec = (two.wall_time - one.wall_time) / forwards
-        tokens = (two.num_generated - one.num_generated) / forwards
-        rows.append((kind, sec, tokens, f"{one.forwards} / {two.forwards}"))
-        print(f"  {kind}: {1e3 * sec:.1f} ms/forward over {forwards} forwards, {tokens:.2f} tokens/forward",
+        return ((two.wall_time - one.wall_time) / forwards, (two.num_generated - one.num_generated) / forwards,
+                f"{one.forwards} / {two.forwards}")
+
+    def block_run(block, gen):
+        return generate(model, [prompt], gen_length=gen, block_size=block, threshold=1.0, mask_id=mask_id,
+                        eos_id=None, use_cache=True)
+
+    def ar_run(gen):
+        return generate_ar(model, [prompt], max_new_tokens=gen, eos_id=None)
+
+    def forward_flops(tokens, keys):
+        return (_flops.dense_layer_flops(mc, tokens) + _flops.attention_flops(mc, tokens, keys)
+                + _flops.head_flops(mc, tokens))
+
+    ctx = len(prompt)
+    ar_sec, _, ar_fw = difference(ar_run, max(STEP_BLOCKS.value))
+    print(f"  AR step: {1e3 * ar_sec:.1f} ms/forward", file=sys.stderr, flush=True)
+    rows = []
+    for block in STEP_BLOCKS.value:
+        sec, tpf, fw = difference(functools.partial(block_run, block), block)
+        flops = forward_flops(block, ctx + block)
+        print(f"  cached block step, block {block}: {1e3 * sec:.1f} ms/forward, {tpf:.2f} tokens/forward",
               file=sys.stderr, flush=True)
-    (_, block_sec, block_tpf, block_fw), (_, ar_sec, _, ar_fw) = rows
-    lines = [f"Decode step cost: {name}; prompt {len(prompt)}, block {block}, batch 1, greedy, best of {repeats} "
-             "(difference of a 1-block and a 2-block run, threshold 1: one token per step).", "",
-             "| step | tokens fed | forwards (1 / 2 blocks) | ms / forward | tokens / forward here | tokens/s here "
-             "| vs AR step |",
-             "|---|---:|---:|---:|---:|---:|---:|",
-             f"| cached block step | {block} | {block_fw} | {1e3 * block_sec:.1f} | {block_tpf:.2f} | "
-             f"{block_tpf / block_sec:.1f} | {block_sec / ar_sec:.2f}x |",
-             f"| AR step | 1 | {ar_fw} | {1e3 * ar_sec:.1f} | 1.00 | {1 / ar_sec:.1f} | 1.00x |", "",
-             f"A block decoder ties with AR at {block_sec / ar_sec:.2f} tokens per forward (cached block step / "
-             f"AR step); at TPF k its tokens/s is k x {1 / block_sec:.1f}."]
+        rows.append(f"| cached block step | {block} | {fw} | {1e3 * sec:.1f} | {flops / 1e9:.2f} | "
+                    f"{flops / sec / 1e9:.0f} | {tpf / sec:.1f} | {sec / ar_sec:.2f}x |")
+    ar_flops = forward_flops(1, ctx + 1)
+    rows.append(f"| AR step | 1 | {ar_fw} | {1e3 * ar_sec:.1f} | {ar_flops / 1e9:.2f} | {ar_flops / ar_sec / 1e9:.0f} "
+                f"| {1 / ar_sec:.1f} | 1.00x |")
+    lines = [f"Decode step cost: {name}; prompt {ctx}, batch 1, greedy, best of {repeats} (difference of a 1-block "
+             "and a 2-block run at threshold 1, one token per step; AR: of a run of the largest block and one "
+             "twice as long).", "",
+             "| step | tokens fed | forwards (1 / 2 blocks) | ms / forward | GFLOP / forward | GFLOP/s | "
+             "tokens/s here | vs AR step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+             "The ratio to the AR step is the tokens per forward a block decoder needs to tie with AR. GFLOP per "
+             "forward counts the matmuls (projections, SwiGLU, attention against the cache, vocabulary head): the "
+             "AR step is bound by reading the weights, the block step by its FLOPs."]
     _results.publish("decode_step_costs", "\n".join(lines), WRITE.value)
 
 

@@ -46,6 +46,7 @@ import numpy as np
 from absl import app, flags
 
 import _cli
+import _flops
 import _results
 from llada2_jax.configs import smollm2 as smollm2_config
 from llada2_jax.model.config import ModelConfig
@@ -76,13 +77,10 @@ SMOLLM2_DIMS = dict(model_type="llama", vocab_size=49153, hidden_size=576, inter
 
 
 def step_flops(mc: ModelConfig, batch: int, length: int) -> float:
-    d, hq, hkv, hd, f = (mc.hidden_size, mc.num_attention_heads, mc.num_key_value_heads, mc.resolved_head_dim,
-                         mc.intermediate_size)
     t = 2 * length
-    layers = 2 * batch * t * mc.num_hidden_layers * (d * hq * hd + 2 * d * hkv * hd + hq * hd * d + 3 * d * f)
-    attention = 4 * batch * mc.num_hidden_layers * t * t * hq * hd
-    head = 2 * batch * length * d * mc.vocab_size
-    return 3.0 * (layers + attention + head)
+    forward = (_flops.dense_layer_flops(mc, batch * t) + batch * _flops.attention_flops(mc, t, t)
+               + _flops.head_flops(mc, batch * length))
+    return 3.0 * forward
 
 
 def matmul_peak(n: int = 4096, reps: int = 3) -> float:
