@@ -69,8 +69,8 @@ def convert() -> ml_collections.ConfigDict:
 
     wsd (ladder 1 -> 4 | MDLM at 256 | 128 -> ... -> 16) -> sft -> cap on the task chats, ar_sft
     (the AR twin: the same GGUF, next-token SFT on the same chats for as many data tokens as
-    wsd + sft + cap together), then `compare` decodes every stage on 200 held-out items
-    (`python -m llada2_jax.evaluate` runs any count). Every layer trains, in both models; block 16.
+    wsd + sft + cap together), then `compare` decodes every stage on 200 held-out items at
+    threshold 0.9 (`python -m llada2_jax.evaluate` runs the other thresholds and any count). Every layer trains, in both models; block 16.
     SFT and CAP draw t from [0.3, 1]: decoding starts each block fully masked (t = 1), which the
     spec's [0.3, 0.8] never shows a model this briefly trained. Sized for ~100 minutes on 2 CPU cores.
     """
@@ -93,7 +93,8 @@ def convert() -> ml_collections.ConfigDict:
     c.cap = posttrain_section(steps=30, lr=3e-5, lr_min=3e-6, block_size=16, complementary=False, data="gym",
                               t_max=1.0, eval_samples=1, cap_weight=0.5)
     c.ar_sft = posttrain_section(steps=0, lr=1e-4, lr_min=1e-5, block_size=16, data="gym")  # 0: the chain's steps
-    c.compare.update(dict(count=200, gen_length=64, batch_size=40, speed_items=4))
+    # 200 items at the target threshold; the frontier over every threshold is a separate evaluate run
+    c.compare.update(dict(count=200, thresholds=(0.9,), gen_length=64, batch_size=40, speed_items=4))
     c.smoke_overrides = (
         ("gym.train_items", 32), ("gym.heldout_items", 4), ("data.seq_len", 256), ("train.log_every", 1),
         ("train.checkpoint_every", 2), ("wsd.warmup_sizes", (1, 4)), ("wsd.steps_per_warmup", 1),
