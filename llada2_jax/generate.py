@@ -29,6 +29,13 @@ flags.DEFINE_integer("gen_length", 128, "tokens to generate", flag_values=FLAGS)
 flags.DEFINE_integer("block_size", 32, "block-diffusion block size", flag_values=FLAGS)
 flags.DEFINE_float("threshold", 0.95, "confidence above which a masked token is committed, in [0, 1]",
                    flag_values=FLAGS)
+flags.DEFINE_float("edit_threshold", None, "token editing (LLaDA2.1 T2T): replace a committed token when the "
+                   "model's choice differs with confidence above this, in [0, 1] (default: no editing)",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("max_post_steps", 16, "token editing: forwards a mask-free block may still spend on edits",
+                     flag_values=FLAGS)
+flags.DEFINE_string("preset", None, "quality (threshold 0.7, edit 0.5) | speed (threshold 0.5, edit 0.0): "
+                    "LLaDA2.1 modes; replace --threshold and --edit_threshold", flag_values=FLAGS)
 flags.DEFINE_integer("steps", None, "denoising steps per block (default: block_size)", flag_values=FLAGS)
 flags.DEFINE_float("temperature", 0.0, "sampling temperature (0 = greedy)", flag_values=FLAGS)
 flags.DEFINE_integer("top_k", None, "sample from the k most likely tokens", flag_values=FLAGS)
@@ -62,6 +69,12 @@ def check_flags(f) -> None:
         raise UsageError(f"--block_size={f.block_size} must be >= 1")
     if not 0.0 <= f.threshold <= 1.0:
         raise UsageError(f"--threshold={f.threshold} must be in [0, 1]")
+    if f.edit_threshold is not None and not 0.0 <= f.edit_threshold <= 1.0:
+        raise UsageError(f"--edit_threshold={f.edit_threshold} must be in [0, 1]")
+    if f.max_post_steps < 0:
+        raise UsageError(f"--max_post_steps={f.max_post_steps} must be >= 0")
+    if f.preset is not None and f.preset not in ("quality", "speed"):
+        raise UsageError(f"--preset={f.preset!r}; expected quality or speed")
     if f.steps is not None and f.steps < 1:
         raise UsageError(f"--steps={f.steps} must be >= 1")
     if f.temperature < 0:
@@ -104,7 +117,8 @@ def generate_text(f) -> int:
 
         def run():
             return generate(model, [ids], gen_length=f.gen_length, block_size=f.block_size, threshold=f.threshold,
-                            steps=f.steps, mask_id=mask_id, use_cache=not f.no_cache, **sampling)
+                            steps=f.steps, mask_id=mask_id, use_cache=not f.no_cache, edit_threshold=f.edit_threshold,
+                            max_post_steps=f.max_post_steps, preset=f.preset, **sampling)
     try:
         if f.warmup:
             run()
@@ -117,7 +131,8 @@ def generate_text(f) -> int:
     print(tokenizer.decode(out))
     note = "" if f.warmup else " (includes compilation)"
     print(f"\n[{'AR' if f.ar else 'block diffusion'}] {res.num_generated} tokens, forwards={res.forwards}, "
-          f"TPF={res.tpf:.2f}, tokens/s={res.tokens_per_sec:.1f}, {res.wall_time:.2f}s{note}", file=sys.stderr)
+          f"TPF={res.tpf:.2f}, tokens/s={res.tokens_per_sec:.1f}, {res.wall_time:.2f}s{note}"
+          + (f", edits={res.row_edits[0]}" if res.row_edits else ""), file=sys.stderr)
     return 0
 
 

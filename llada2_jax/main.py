@@ -3,9 +3,11 @@
 Any config field can be overridden (`--config.wsd.lr=1e-4`). `--config.smoke=True` applies the
 experiment's `smoke_overrides` (same stages, tiny sizes); `--config.dry_run=True` prints the
 parameter counts and per-device memory plan instead of training; `--config.distributed=True`
-calls `jax.distributed.initialize()` first (run the same command on every host).
+joins a multi-process job first (`llada2_jax.distributed`: the coordinator address, process count
+and id come from the environment; run the same command in every process).
 A workdir that already holds checkpoints resumes; SIGTERM saves a checkpoint and exits 0.
-A mistake in the flags or the config prints one line `config error: ...` and exits with code 2.
+A mistake in the flags or the config prints one line `config error: ...` and exits with code 2; a
+checkpoint that does not fit the model (another architecture) prints `checkpoint error: ...` (code 2).
 """
 from __future__ import annotations
 
@@ -84,7 +86,13 @@ def main(argv) -> int:
     config = flags.FLAGS.config
     import jax
     if config.distributed:
-        jax.distributed.initialize()
+        from llada2_jax import distributed
+        try:
+            distributed.initialize()
+        except ValueError as e:
+            print(f"config error: --config.distributed=True: {e}", file=sys.stderr, flush=True)
+            return 2
+        print(f"[run] {distributed.describe()}", flush=True)
     from llada2_jax.training.validate import resolve_config, validate_config
     devices = (config.dry_run_devices or jax.device_count()) if config.dry_run else jax.device_count()
     try:
@@ -101,12 +109,23 @@ def main(argv) -> int:
         from llada2_jax.training import dry_run
         print(dry_run.report(dry_run.plan(config, devices)), flush=True)
         return 0
+    from llada2_jax.training.checkpoint import CheckpointMismatch
+    from llada2_jax.training.data_shards import DataShardError
     from llada2_jax.training.run import Run
     from llada2_jax.training.trainer import Preempted
     try:
         Run(config, flags.FLAGS.workdir).execute()
     except Preempted as e:
         print(f"[run] {e}; rerun the same command to resume", flush=True)
+    except CheckpointMismatch as e:
+        print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except DataShardError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    else:  # a finished run (not a preempted one): process 0 draws WORKDIR/report/*.png
+        from llada2_jax.report import report_at_end_of_run
+        report_at_end_of_run(flags.FLAGS.workdir)
     return 0
 
 

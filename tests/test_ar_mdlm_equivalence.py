@@ -4,7 +4,6 @@ L_B = 1: the clean half is an AR (causal) transformer over x_0, and a masked que
 sees exactly the clean prefix < i of its document. L_B = L: the noisy half of the 2L layout equals
 the single-copy bidirectional (MDLM) forward on x_t.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -33,12 +33,16 @@ def base_config() -> ml_collections.ConfigDict:
         param_dtype="float32", dtype="float32", remat_policy="none", attention_impl="xla"))
 
     c.tokenizer = ml_collections.ConfigDict(dict(
-        kind="sentencepiece",  # sentencepiece (trained on the train split) | smollm2 | dir
+        kind="sentencepiece",  # sentencepiece (trained on the train split) | smollm2 | dir (tokenizer.path:
+        # a saved tokenizer or an HF checkpoint dir) | hf (model.source=hf:DIR's own tokenizer files)
         vocab_size=4096, train_max_bytes=4_000_000, path=""))
 
     c.data = ml_collections.ConfigDict(dict(
-        corpora="stdlib",  # comma-separated corpus names or paths (see data.corpora), or "gym"
-        seq_len=256, heldout_fraction=0.01, max_bytes=0, align_to_block=0))
+        corpora="stdlib",  # comma-separated corpus names or paths (see data.corpora), or "gym", or
+        # stream specs arrayrecord:<glob> | parquet:<glob> | jsonl:<glob> (see data.streaming)
+        seq_len=256, heldout_fraction=0.01, max_bytes=0, align_to_block=0,
+        text_field="text",  # the JSONL key / Parquet column of each document (jsonl: and parquet: corpora)
+        shards=0))  # training data shards (0: one per process); a resumed stage keeps its checkpoint's
     # reasoning-gym task items (data.gym_tasks): the corpus "gym" and the post-training data "gym"
     c.gym = ml_collections.ConfigDict(dict(
         tasks="word_sequence_reversal,rotate_matrix", seed=0, train_items=2000, heldout_items=64))

@@ -6,7 +6,8 @@ tokenizer from `<init_from>/tokenizer`. With `init_from=""` the run uses `model.
 `model.arch` as configured (how the mini/flash dry runs plan memory). Stage hyper-parameters
 default to the spec's (§6–§8): block 32, mask rate t ~ U[0.3, 0.8], complementary masking, ELBO
 weights, CAP λ = 2, DPO β = 0.1, cosine lr with 3 % warm-up, DPO starting at the previous
-stage's final lr.
+stage's final lr. `sft.edit_rate` / `cap.edit_rate` > 0 adds the LLaDA2.1 token-editing stream
+(weight `edit_weight`; see `diffusion.editing`); 0 keeps the LLaDA2.0 objective.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def posttrain_section(**overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(dict(
         data="gsm8k", data_path="", heldout_size=256, steps=100, lr=1e-5, lr_min=1e-6, warmup_ratio=0.03,
         lr_schedule="cosine", block_size=32, t_min=0.3, t_max=0.8, weighting="elbo", complementary=True,
-        eval_samples=2))
+        eval_samples=2,
+        edit_rate=0.0, edit_weight=1.0))  # LLaDA2.1 token editing: corruption rate of visible tokens, loss weight
     c.update(overrides)
     return c
 

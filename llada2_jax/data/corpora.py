@@ -10,7 +10,9 @@ Built-in corpora (see /work/shared/assets.md):
   "kjv"          King James Bible, one document per chapter (apt package bible-kjv)
 Anything else passed to `load_corpus` is a path: a text file (one document), a directory (every
 `*.txt`, `*.md`, `*.py`, `*.rst` file below it, one document each) or a `.jsonl` file (one
-document per line, text in a configurable field).
+document per line, text in a configurable field). Sharded corpora read one record at a time
+(`arrayrecord:<glob>`, `parquet:<glob>`, `jsonl:<glob>`) live in `data/streaming.py`, whose
+`load_corpora` takes both kinds.
 """
 
 from __future__ import annotations
@@ -165,6 +167,12 @@ def load_corpus(source: str, *, split: str = "all", heldout_fraction: float = 0.
                 max_documents: int | None = None, max_bytes: int | None = None,
                 jsonl_field: str = "text") -> list[Document]:
     """Documents of a named corpus (`CORPORA`) or of a path, split and capped (see `select`)."""
+    return select(iter_documents(source, jsonl_field), split=split, heldout_fraction=heldout_fraction,
+                  max_documents=max_documents, max_bytes=max_bytes)
+
+
+def iter_documents(source: str, jsonl_field: str = "text") -> Iterator[Document]:
+    """The documents of a named corpus or a path, one at a time (nothing else is held)."""
     if source == "stdlib":
         docs = stdlib_documents()
     elif source == "python_docs":
@@ -177,8 +185,7 @@ def load_corpus(source: str, *, split: str = "all", heldout_fraction: float = 0.
         docs = text_documents(source)
     else:
         raise ValueError(f"corpus {source!r} is neither one of {CORPORA} nor an existing path")
-    return select(docs, split=split, heldout_fraction=heldout_fraction,
-                  max_documents=max_documents, max_bytes=max_bytes)
+    return docs
 
 
 def texts(documents: Iterable[Document]) -> list[str]:

@@ -16,6 +16,9 @@ Every batch (the same keys for pretraining, SFT and the diffusion layout builder
 
 A document longer than the room left in a row is split; its continuation starts the next row as a
 new segment with positions from 0 (it cannot attend to the previous row anyway).
+
+Corpora larger than memory (`data/streaming.py`) replace the first line with record indices that
+are read and tokenized lazily; everything after it is the same.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from llada2_jax.data import streaming
 from llada2_jax.data.corpora import Document
 from llada2_jax.data.tokenizers import Tokenizer
 
@@ -61,7 +65,7 @@ def tokenize_documents(documents: Sequence[str | Document], tokenizer: Tokenizer
     if cache_path is not None:
         os.makedirs(cache_dir, exist_ok=True)
         offsets = np.cumsum([0] + [len(a) for a in arrays])
-        tmp = cache_path + ".tmp.npz"
+        tmp = f"{cache_path}.{os.getpid()}.tmp.npz"  # per process: several may share a workdir
         np.savez(tmp, ids=np.concatenate(arrays), offsets=offsets)
         os.replace(tmp, cache_path)
     return arrays
@@ -162,12 +166,18 @@ def pretrain_dataset(documents: Sequence[str | Document], tokenizer: Tokenizer, 
     the previous one (padding has segment 0, is outside the loss). `num_epochs=None`: forever.
     Multi-host: pass `shard_index=jax.process_index(), shard_count=jax.process_count()`; documents
     are split between processes before shuffling. The last partial batch is dropped.
+    `documents` may be a `streaming.StreamingCorpus`: its records are then read (and tokenized)
+    one at a time as batches are drawn, in the same order as the same records held in a list.
     """
     check_layout(seq_len, batch_size, align_to_block, "align_to_block")
-    arrays = tokenize_documents(documents, tokenizer, cache_dir=cache_dir)
     pad_id = tokenizer.pad_id
-    ds = shard_and_order(arrays, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
-                         shard_count=shard_count)
+    if isinstance(documents, streaming.StreamingCorpus):
+        ds = streaming.ids_dataset(documents, tokenizer, seed=seed, num_epochs=num_epochs,
+                                   shard_index=shard_index, shard_count=shard_count)
+    else:
+        arrays = tokenize_documents(documents, tokenizer, cache_dir=cache_dir)
+        ds = shard_and_order(arrays, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
+                             shard_count=shard_count)
     ds = ds.map(lambda ids: _document_element(ids, align_to_block, pad_id))
     ds = ds.to_iter_dataset(IN_MEMORY)
     ds = _RestorableConcatThenSplit(

@@ -2,7 +2,8 @@
 
 API
   DiffusionBatch                      pytree: tokens, positions, mask, targets, loss_mask,
-                                      eligible, t; static num_query_rows (= L)
+                                      eligible, t, edit_mask (None unless token editing, see
+                                      diffusion.editing); static num_query_rows (= L)
   build_diffusion_batch(x0, segment_ids, positions, eligible, noise_mask, t, *, mask_id,
                         block_size, vocab_size, force_two_copy=False) -> DiffusionBatch
   ar_batch(tokens, segment_ids, positions=None, eligible=None)       -> DiffusionBatch
@@ -34,6 +35,8 @@ class DiffusionBatch:
     tokens (B, T) int32, positions (B, T) int32, mask: MaskSpec over the T tokens,
     targets (B, L) = x_0, loss_mask (B, L) bool = masked ∧ eligible (for AR: has a next token in
     the same document), eligible (B, L) bool, t (B,) float32 masking rate (1 for AR),
+    edit_mask (B, L) bool or None: noisy-stream positions holding a random token that the editing
+    loss asks to recover (`editing.add_editing`); None = no editing stream.
     num_query_rows = L (static).
     """
     tokens: jax.Array
@@ -43,6 +46,7 @@ class DiffusionBatch:
     loss_mask: jax.Array
     eligible: jax.Array
     t: jax.Array
+    edit_mask: jax.Array | None = None
     num_query_rows: int = dataclasses.field(metadata=dict(static=True), default=0)
 
     @property

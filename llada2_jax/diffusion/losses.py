@@ -3,8 +3,10 @@
 API
   query_logits(model, batch, *, embed_noise=None)     -> (logits (B, L, V) fp32, ModelOutput)
   token_cross_entropy(logits, targets)                -> fp32 (B, L)
-  diffusion_loss_from_logits(logits, batch, *, weighting="elbo", cap_weight=0.0) -> (loss, metrics)
-  diffusion_loss(model, batch, *, weighting="elbo", embed_noise=None, cap_weight=0.0) -> (loss, metrics)
+  diffusion_loss_from_logits(logits, batch, *, weighting="elbo", cap_weight=0.0, edit_weight=0.0)
+                                                      -> (loss, metrics)
+  diffusion_loss(model, batch, *, weighting="elbo", embed_noise=None, cap_weight=0.0, edit_weight=0.0)
+                                                      -> (loss, metrics)
   ar_loss(model, batch)                               -> (loss, metrics)
   head_loss(hidden, head, targets, loss_mask, weights, *, cap_weight=0.0, chunk=None (HEAD_CHUNK))
                                                       -> (loss, (masked_ce_sum, n_correct, cap_entropy))
@@ -15,6 +17,10 @@ API
 Weightings (spec §2.5): "elbo" = Σ_b Σ_i m_bi CE_bi / t_b / Σ eligible (the NELBO per eligible
 token); "masked_mean" = Σ m CE / Σ m (dFactory). Logits are computed only for the first L rows
 (the noisy stream) of the 2L layout, in fp32 over the full vocabulary.
+
+Token editing (LLaDA2.1): when the batch carries an `edit_mask` (`editing.add_editing`) and
+edit_weight > 0, the loss adds edit_weight · (mean CE over the corrupted positions), whatever the
+weighting; CAP stays on the drafting (masked) positions. Without it nothing changes.
 
 `diffusion_loss` and `ar_loss` never build the (rows x vocab) logits: `head_loss` moves the loss
 rows to the front, projects them HEAD_CHUNK rows at a time (chunks past the last loss row are
@@ -30,6 +36,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from llada2_jax.diffusion import editing
 from llada2_jax.diffusion.layout import DiffusionBatch
 
 WEIGHTINGS = ("elbo", "masked_mean")
@@ -74,8 +81,19 @@ def _check_weighting(weighting: str) -> None:
         raise ValueError(f"weighting={weighting!r}; expected one of {WEIGHTINGS}")
 
 
+def _editing_on(batch: DiffusionBatch, edit_weight: float) -> bool:
+    if edit_weight < 0:
+        raise ValueError(f"edit_weight={edit_weight} must be >= 0")
+    return batch.edit_mask is not None and edit_weight > 0
+
+
+def _edit_metrics(ce_sum, n_correct, n_edited) -> dict:
+    denom = jnp.maximum(n_edited, 1)
+    return {"edit_ce": ce_sum / denom, "edit_accuracy": n_correct / denom, "n_edited": n_edited}
+
+
 def diffusion_loss_from_logits(logits, batch: DiffusionBatch, *, weighting: str = "elbo",
-                               cap_weight: float = 0.0):
+                               cap_weight: float = 0.0, edit_weight: float = 0.0):
     """Loss and metrics from the L query-row logits (lets CAP/SFT reuse one forward)."""
     _check_weighting(weighting)
     ce = token_cross_entropy(logits, batch.targets)
@@ -102,6 +120,12 @@ def diffusion_loss_from_logits(logits, batch: DiffusionBatch, *, weighting: str 
         metrics["diffusion_loss"] = loss
         metrics["cap_entropy"] = cap
         loss = loss + cap_weight * cap
+    if _editing_on(batch, edit_weight):
+        e = batch.edit_mask
+        n_edited = jnp.sum(e)
+        edit_ce = jnp.sum(jnp.where(e, ce, 0.0))
+        metrics.update(_edit_metrics(edit_ce, jnp.sum((jnp.argmax(logits, axis=-1) == batch.targets) & e), n_edited))
+        loss = loss + edit_weight * jnp.sum(jnp.where(e, ce * editing.edit_weights(batch), 0.0))
     metrics["loss"] = loss
     return loss, metrics
 
@@ -245,11 +269,12 @@ def _row_weights(batch: DiffusionBatch, weighting: str) -> jax.Array:
 
 
 def diffusion_loss(model, batch: DiffusionBatch, *, weighting: str = "elbo", embed_noise=None,
-                   cap_weight: float = 0.0):
-    """BDLM / MDLM training loss (+ λ·CAP entropy when cap_weight > 0) and metrics.
+                   cap_weight: float = 0.0, edit_weight: float = 0.0):
+    """BDLM / MDLM training loss (+ λ·CAP entropy when cap_weight > 0, + the editing term) and metrics.
 
     metrics: loss, masked_ce, masked_accuracy, n_masked, n_eligible, mask_rate, and
-    expert_load (num_moe_layers, E) when the model is MoE. Equals
+    expert_load (num_moe_layers, E) when the model is MoE; with the editing stream also edit_ce,
+    edit_accuracy and n_edited (its loss is a second `head_loss` pass over the corrupted rows). Equals
     `diffusion_loss_from_logits(query_logits(...))` (the dense reference) without building the
     (B, L, V) logits (see `head_loss`).
     """
@@ -272,6 +297,12 @@ def diffusion_loss(model, batch: DiffusionBatch, *, weighting: str = "elbo", emb
     if cap_weight:
         metrics["diffusion_loss"] = jax.lax.stop_gradient(loss - cap_weight * cap)
         metrics["cap_entropy"] = cap
+    if _editing_on(batch, edit_weight):
+        e = batch.edit_mask
+        edit_loss, (edit_ce, edit_correct, _) = head_loss(hidden, output_head(model), batch.targets, e,
+                                                          editing.edit_weights(batch))
+        metrics.update(_edit_metrics(edit_ce, edit_correct, jnp.sum(e)))
+        loss = loss + edit_weight * edit_loss
     metrics["loss"] = loss
     if getattr(out, "expert_load", None) is not None:
         metrics["expert_load"] = out.expert_load

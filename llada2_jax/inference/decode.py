@@ -27,6 +27,14 @@ Both paths run the output head only on the block rows that are still masked (`_p
 Uncached path: every step runs the model on the canvas prefix x[:, :W] with the block-causal mask,
 W = (max current block of the unfinished rows + 1) · L_B — the exact prefix of a single-prompt
 run, so its window changes once per block.
+
+Token editing (LLaDA2.1, spec §9.9; `edit_threshold` not None): the same forward that drives M2T
+(mask-to-token, the rule above) also proposes a token at every committed, non-prompt position of
+the current block, and T2T replaces it when the proposal differs with confidence > edit_threshold.
+A step whose input block has no mask left is a "post step"; the block ends after a post step that
+edits nothing, or after `max_post_steps` post steps (0: as soon as its last mask is filled).
+Earlier blocks are never edited, so the prefix cache stays exact. With `edit_threshold=None` the
+step is today's M2T-only step, unchanged.
 """
 from __future__ import annotations
 
@@ -58,6 +66,7 @@ class _Plan:
     greedy: bool
     top_k: int | None
     use_top_p: bool
+    editing: bool = False  # T2T edits and post steps (edit_threshold is not None)
 
 
 class _Rows(NamedTuple):
@@ -74,6 +83,8 @@ class _Knobs(NamedTuple):
     mask_id: jax.Array
     eos_id: jax.Array
     key: jax.Array  # (B,) base keys, see sampling.batch_keys
+    edit_threshold: jax.Array | None = None  # T2T: replace a committed token whose proposal is this confident
+    max_post_steps: jax.Array | None = None  # T2T: forwards a mask-free block may still spend on edits
 
 
 class _Loop(NamedTuple):
@@ -85,6 +96,8 @@ class _Loop(NamedTuple):
     forwards: jax.Array  # () model calls for the batch
     row_forwards: jax.Array  # (B,) model calls while the row was unfinished
     cache: KVCache | None
+    post: jax.Array  # (B,) post steps (forwards on the mask-free current block) run so far
+    edits: jax.Array  # (B,) T2T replacements inside the row's generated span
 
 
 def slot_mask(positions, num_slots: int, block_size: int) -> MaskSpec:
@@ -175,16 +188,29 @@ def _step(model, loop: _Loop, rows: _Rows, knobs: _Knobs, plan: _Plan) -> _Loop:
 
     active = ~loop.done
     decoding = active & ~loop.refresh if not plan.fuse_refresh else active
-    undecided = (tokens == knobs.mask_id) & (idx >= rows.prompt_len[:, None])
+    generated_pos = idx >= rows.prompt_len[:, None]
+    undecided = (tokens == knobs.mask_id) & generated_pos
     need = undecided & decoding[:, None]
-    # keys from (row, block, step, position): the cached and uncached paths draw the same numbers
-    key_of = functools.partial(sampling.position_keys, knobs.key, loop.block * size + loop.step)
-    cand, conf = _propose_masked(model, hidden, need, knobs, plan, key_of)
+    # T2T needs a proposal at the committed positions too
+    proposed = generated_pos & decoding[:, None] if plan.editing else need
+    # keys from (row, block, step, position): the cached and uncached paths draw the same numbers;
+    # with editing a block may take up to size + max_post_steps steps, so its counters are spaced further
+    steps_per_block = size + knobs.max_post_steps if plan.editing else size
+    key_of = functools.partial(sampling.position_keys, knobs.key, loop.block * steps_per_block + loop.step)
+    cand, conf = _propose_masked(model, hidden, proposed, knobs, plan, key_of)
     quota = knobs.quota[jnp.minimum(loop.step, size - 1)]
     take = sampling.accept(conf, need, quota, knobs.threshold)
+    complete = decoding & ~jnp.any(undecided & ~take, axis=-1)
+    post, edits = loop.post, loop.edits
+    if plan.editing:
+        edit = proposed & ~undecided & (cand != tokens) & (conf > knobs.edit_threshold)
+        take = take | edit
+        post_step = decoding & ~jnp.any(undecided, axis=-1)
+        post = post + post_step
+        complete = complete & ((post >= knobs.max_post_steps) | (post_step & ~jnp.any(edit, axis=-1)))
+        edits = edits + jnp.sum(edit & (idx < rows.gen_end[:, None]), axis=-1, dtype=jnp.int32)
     x = loop.x.at[jnp.arange(batch)[:, None], idx].set(jnp.where(take, cand, tokens))
 
-    complete = decoding & ~jnp.any(undecided & ~take, axis=-1)
     col = jnp.arange(length, dtype=jnp.int32)
     seen_end = jnp.minimum(rows.gen_end, (loop.block + 1) * size)
     generated = (col >= rows.prompt_len[:, None]) & (col < seen_end[:, None])
@@ -196,14 +222,15 @@ def _step(model, loop: _Loop, rows: _Rows, knobs: _Knobs, plan: _Plan) -> _Loop:
         advance = complete & ~finish
         refresh = advance if plan.cached else loop.refresh
     return _Loop(x, loop.block + advance, jnp.where(advance, 0, loop.step + decoding), refresh,
-                 loop.done | finish, loop.forwards + 1, loop.row_forwards + active, cache)
+                 loop.done | finish, loop.forwards + 1, loop.row_forwards + active, cache,
+                 jnp.where(advance, 0, post), edits)
 
 
 def _initial_loop(x, rows: _Rows, block_size: int, cache, forwards, row_forwards) -> _Loop:
     batch = x.shape[0]
     zeros = jnp.zeros((batch,), jnp.int32)
     false = jnp.zeros((batch,), bool)
-    return _Loop(x, rows.prompt_len // block_size, zeros, false, false, forwards, row_forwards, cache)
+    return _Loop(x, rows.prompt_len // block_size, zeros, false, false, forwards, row_forwards, cache, zeros, zeros)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
@@ -243,7 +270,7 @@ def _window(plan: _Plan, blocks_needed: int, canvas_blocks: int) -> int:
 
 
 def _decode(graphdef, state, x, rows: _Rows, knobs: _Knobs, plan: _Plan, first_blocks: int):
-    """Host loop over windows; returns (canvas, forwards, row_forwards).
+    """Host loop over windows; returns (canvas, forwards, row_forwards, row_edits).
 
     first_blocks: blocks the first window must hold (the longest prompt's first decoded block + 1).
     """
@@ -258,9 +285,27 @@ def _decode(graphdef, state, x, rows: _Rows, knobs: _Knobs, plan: _Plan, first_b
     while True:
         done, block = jax.device_get((loop.done, loop.block))
         if done.all():
-            return loop.x, loop.forwards, loop.row_forwards
+            return loop.x, loop.forwards, loop.row_forwards, loop.edits
         window = _window(plan, int(block[~done].max()) + 1, canvas_blocks)
         loop = _decode_window(graphdef, state, loop, rows, knobs, dataclasses.replace(plan, window=window))
+
+
+# LLaDA2.1 model-card modes (spec §9.9): M2T threshold and T2T edit threshold
+PRESETS = {"quality": dict(threshold=0.7, edit_threshold=0.5), "speed": dict(threshold=0.5, edit_threshold=0.0)}
+
+
+def preset_settings(name: str) -> dict:
+    """`threshold` and `edit_threshold` of a named decoding mode ('quality' | 'speed')."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r}; expected one of {tuple(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def _check_editing(edit_threshold, max_post_steps) -> None:
+    if edit_threshold is not None and not 0.0 <= edit_threshold <= 1.0:
+        raise ValueError(f"edit_threshold={edit_threshold} must be in [0, 1] (or None for no token editing)")
+    if not isinstance(max_post_steps, (int, np.integer)) or max_post_steps < 0:
+        raise ValueError(f"max_post_steps={max_post_steps!r} must be an integer >= 0")
 
 
 def _check_args(config, longest_prompt, gen_length, block_size, threshold, steps, mask_id, eos_id) -> None:
@@ -286,7 +331,8 @@ def _check_args(config, longest_prompt, gen_length, block_size, threshold, steps
 def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold: float = 0.95,
              steps: int | None = None, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, mask_id: int | None = None, eos_id: int | None, use_cache: bool = True,
-             fuse_refresh: bool = True, rng=None) -> GenerationResult:
+             fuse_refresh: bool = True, rng=None, edit_threshold: float | None = None, max_post_steps: int = 16,
+             preset: str | None = None) -> GenerationResult:
     """Block-wise threshold decoding of a batch of prompts (lists of token ids).
 
     Per block and step: commit every masked position whose confidence exceeds `threshold`, else
@@ -300,11 +346,21 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     differently. Greedy rows always equal single-prompt runs. `fuse_refresh` (cached path) folds
     each completed block's cache refresh into the next block's first forward instead of spending
     a forward on it; the tokens are the same either way.
+
+    Token editing (LLaDA2.1): with `edit_threshold` set, each step also replaces every committed,
+    non-prompt token of the current block whose proposal differs with confidence > edit_threshold
+    (T2T), and a mask-free block keeps stepping while it edits, at most `max_post_steps` times
+    (see the module docstring). `preset` ('quality' | 'speed', `PRESETS`) sets threshold and
+    edit_threshold, replacing the values passed. `edit_threshold=None` is the M2T-only decoder.
     """
+    if preset is not None:
+        settings = preset_settings(preset)
+        threshold, edit_threshold = settings["threshold"], settings["edit_threshold"]
     arrays = check_prompts(prompts, model.config.vocab_size, allow_empty=True)
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     prompt_len = np.array([a.size for a in arrays], np.int32)
     _check_args(model.config, int(prompt_len.max()), gen_length, block_size, threshold, steps, mask_id, eos_id)
+    _check_editing(edit_threshold, max_post_steps)
     check_sampling(temperature, top_k, top_p)
 
     num_blocks = -(-(prompt_len + gen_length) // block_size)
@@ -320,21 +376,23 @@ def generate(model, prompts, *, gen_length: int, block_size: int = 32, threshold
     plan = _Plan(block_size=block_size,
                  prefill_len=block_size * bucket(full_blocks) if use_cache and full_blocks else 0,
                  window=0, cached=use_cache, fuse_refresh=use_cache and fuse_refresh, greedy=temperature == 0,
-                 top_k=top_k, use_top_p=top_p is not None)
+                 top_k=top_k, use_top_p=top_p is not None, editing=edit_threshold is not None)
     rows = _Rows(jnp.asarray(prompt_len), jnp.asarray(num_blocks - 1, jnp.int32),
                  jnp.asarray(prompt_len + gen_length, jnp.int32))
     knobs = _Knobs(jnp.asarray(quota), jnp.float32(threshold), jnp.float32(max(temperature, 1e-6)),
                    jnp.float32(top_p or 1.0), jnp.int32(mask_id), jnp.int32(-1 if eos_id is None else eos_id),
-                   sampling.batch_keys(rng, arrays))
+                   sampling.batch_keys(rng, arrays), jnp.float32(edit_threshold or 0.0), jnp.int32(max_post_steps))
     graphdef, state = nnx.split(model)
 
     start = time.perf_counter()
-    canvas, forwards, row_forwards = jax.device_get(_decode(graphdef, state, x, rows, knobs, plan, full_blocks + 1))
+    canvas, forwards, row_forwards, row_edits = jax.device_get(
+        _decode(graphdef, state, x, rows, knobs, plan, full_blocks + 1))
     wall = time.perf_counter() - start
 
-    tokens, counted = [], 0
+    tokens, counts = [], []
     for i, p in enumerate(prompt_len):
         ids, n = cut_after_eos(canvas[i, p:p + gen_length], eos_id)
         tokens.append(ids)
-        counted += n
-    return GenerationResult(tokens, int(forwards), [int(r) for r in row_forwards], counted, wall)
+        counts.append(n)
+    return GenerationResult(tokens, int(forwards), [int(r) for r in row_forwards], sum(counts), wall,
+                            row_generated=counts, row_edits=[int(e) for e in row_edits])

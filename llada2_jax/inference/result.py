@@ -18,17 +18,27 @@ class GenerationResult:
       prompt would have used if run alone.
     num_generated: generated tokens over all rows, EOS excluded (the TPF / TPS numerator).
     wall_time: seconds for the call, host transfers included (compilation too on a first call).
+    row_generated: per prompt, its generated tokens, EOS excluded (empty if the decoder does not say).
+    row_edits: per prompt, the token-to-token replacements made inside its generated span (block
+      decoder; all 0 without token editing; empty if the decoder does not say).
     """
     tokens: list[list[int]]
     forwards: int
     row_forwards: list[int]
     num_generated: int
     wall_time: float
+    row_generated: list[int] = dataclasses.field(default_factory=list)
+    row_edits: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def tpf(self) -> float:
         """Tokens per forward of one request: generated tokens / that request's forwards (summed over rows)."""
         return self.num_generated / max(sum(self.row_forwards), 1)
+
+    @property
+    def row_tpf(self) -> list[float]:
+        """Tokens per forward of each prompt alone: row_generated / row_forwards."""
+        return [n / max(f, 1) for n, f in zip(self.row_generated, self.row_forwards)]
 
     @property
     def tokens_per_sec(self) -> float:

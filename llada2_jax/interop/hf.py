@@ -2,6 +2,7 @@
 
     model = load_pretrained("path/to/hf_dir", dtype=jnp.bfloat16)
     save_pretrained(model, "out_dir")   # transformers can `from_pretrained` it (Llama/Qwen families)
+    save_generation_config("out_dir", model.config, block_size=32, threshold=0.95)
 
 The per-family name/layout tables live in `mapping.py`; the tensor walking in `params.py`.
 """
@@ -20,6 +21,8 @@ from llada2_jax.model.config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+DECODING = "block_threshold"  # what generation_config.json's `decoding` names: `inference.generate`
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
@@ -113,6 +116,33 @@ def save_pretrained(model, path: str | os.PathLike, *, max_shard_bytes: int = DE
              "weight_map": dict(sorted(weight_map.items()))}
     with open(os.path.join(path, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=2)
+
+
+def save_generation_config(path: str | os.PathLike, config: ModelConfig, *, block_size: int, threshold: float,
+                           gen_length: int | None = None) -> dict:
+    """Write `generation_config.json` with the block threshold decoding defaults, and return it.
+
+    transformers keeps the unknown keys (`block_size`, `threshold`, `mask_token_id`, `decoding`) as
+    attributes of its `GenerationConfig`, so a loader of the directory finds how the model decodes;
+    transformers' own `generate` is autoregressive and ignores them.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be >= 1")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold={threshold} must be in [0, 1]")
+    if config.mask_token_id is None:
+        raise ValueError("the model has no mask_token_id: block decoding needs one")
+    generation = {"decoding": DECODING, "block_size": int(block_size), "threshold": float(threshold),
+                  "steps_per_block": int(block_size), "mask_token_id": config.mask_token_id, "do_sample": False}
+    if gen_length is not None:
+        generation["max_new_tokens"] = int(gen_length)
+    for name in ("eos_token_id", "pad_token_id"):
+        if getattr(config, name) is not None:
+            generation[name] = getattr(config, name)
+    os.makedirs(os.fspath(path), exist_ok=True)
+    with open(os.path.join(os.fspath(path), GENERATION_CONFIG_FILE), "w") as f:
+        json.dump(generation, f, indent=2, sort_keys=True)
+    return generation
 
 
 def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

@@ -2,7 +2,8 @@
 
   smollm2 | gguf:smollm2     SmolLM2-135M-Instruct (assets.md), tokenizer from the same file
   gguf:<path>                another llama GGUF file and its tokenizer
-  hf:<dir>                   an HF checkpoint dir; tokenizer if the dir holds a saved one
+  hf:<dir>                   an HF checkpoint dir; its tokenizer: a saved one, or the checkpoint's own
+                             tokenizer.json / tokenizer.model (data.checkpoint_tokenizer)
   workdir:<dir>              a run's final weights (its final.json) and <dir>/tokenizer
   workdir:<dir>@<stage>      the latest checkpoint of one stage of that run
                              (e.g. `@ar_pretrain`: the AR base a conversion run started from)

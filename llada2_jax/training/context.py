@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import jax
 from jax.sharding import Mesh
 
-from llada2_jax.data import corpora, gym_tasks
+from llada2_jax.data import gym_tasks, streaming
 from llada2_jax.data.tokenizers import Tokenizer
 from llada2_jax.model.config import ModelConfig
 from llada2_jax.training.metrics import MetricsLogger
@@ -43,15 +43,14 @@ class Corpus:
     def __init__(self, data_config):
         self.names = [c.strip() for c in str(data_config.corpora).split(",") if c.strip()]
         self.heldout_fraction, self.max_bytes = data_config.heldout_fraction, data_config.max_bytes or None
+        self.text_field = data_config.get("text_field", "text")
         self._documents: dict[str, list] = {}
 
     def documents(self, split: str) -> list:
-        if split not in self._documents:
-            docs = []
-            for name in self.names:
-                docs += corpora.load_corpus(name, split=split, heldout_fraction=self.heldout_fraction,
-                                            max_bytes=self.max_bytes)
-            self._documents[split] = docs
+        if split not in self._documents:  # a list, or a StreamingCorpus for stream specs
+            self._documents[split] = streaming.load_corpora(
+                self.names, split=split, heldout_fraction=self.heldout_fraction, max_bytes=self.max_bytes,
+                text_field=self.text_field)
         return self._documents[split]
 
 

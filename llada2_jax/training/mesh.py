@@ -47,5 +47,10 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
     """A Mesh with Auto axis types over `devices` (default: all devices of all processes)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(sizes, len(devices))
-    return jax.make_mesh(tuple(shape.values()), MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:  # an axis spans parts of torus axes (fsdp 16 on a v5p 4x8x8 slice)
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(tuple(shape.values()), devices, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)

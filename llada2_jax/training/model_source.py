@@ -69,6 +69,20 @@ def _with_mask_token(model: Transformer) -> Transformer:
     return convert.add_mask_token(model)[0]
 
 
+def _mask_inside_embedding(directory: str, tokenizer) -> dict:
+    """`mask_token_id` override when the tokenizer's [MASK] is a row the checkpoint already has (a
+    reused token or an unused padded row, `data.checkpoint_tokenizer`): no row is appended then."""
+    from llada2_jax.data import checkpoint_tokenizer as ct
+    mask = getattr(tokenizer, "mask_id", None)
+    hf_config = ModelConfig.from_hf_config(directory)
+    if mask is None or hf_config.mask_token_id is not None or mask >= hf_config.vocab_size:
+        return {}
+    if not ct.has_tokenizer_files(directory) or \
+            ct.load_checkpoint_tokenizer(directory).fingerprint() != tokenizer.fingerprint():
+        return {}  # another tokenizer: Run.model_config reports the mismatch
+    return {"mask_token_id": mask}
+
+
 def open_source(source: str, arch: dict, runtime: dict, tokenizer=None) -> Source:
     """Resolve the architecture of `source`; hf/gguf models are loaded on the host once, here.
 
@@ -94,7 +108,7 @@ def open_source(source: str, arch: dict, runtime: dict, tokenizer=None) -> Sourc
         return Source(kind, arg, config)
     if kind == "hf":
         from llada2_jax.interop import hf
-        model = hf.load_pretrained(arg, **runtime)
+        model = hf.load_pretrained(arg, **runtime, **_mask_inside_embedding(arg, tokenizer))
     else:
         from llada2_jax.interop import gguf
         model = gguf.load_gguf(None if arg == "smollm2" else arg, **runtime)

@@ -18,6 +18,12 @@ the model — view 1 masks M at rate t, view 2 masks ¬M ∩ response at rate 1 
 token of every sample is supervised exactly once per step. Under `weighting="elbo"` each view's
 CE is divided by its own rate (1/t, 1/(1 − t)) and the sum is normalised by the eligible tokens of
 both views.
+
+Token editing (LLaDA2.1, `edit_rate` > 0, SFT/CAP only): after the views are built, each row's
+visible response tokens are corrupted i.i.d. with probability `edit_rate` in the noisy stream
+(`diffusion.editing`) and the loss adds `edit_weight` × the mean CE of recovering them. The
+corruption draws from its own key (`fold_in(rng, EDIT_STREAM)`), so the drafting stream (t, mask)
+is the same draw as without editing, and edit_rate = 0 is today's objective bit for bit.
 """
 from __future__ import annotations
 
@@ -28,9 +34,10 @@ import os
 import jax
 import jax.numpy as jnp
 
-from llada2_jax.diffusion import layout, losses, noising
+from llada2_jax.diffusion import editing, layout, losses, noising
 
 SIDES = ("chosen", "rejected")
+EDIT_STREAM = 0x6ED17  # fold_in constant of the editing stream's key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +47,9 @@ class NoiseConfig:
     block_size: block-diffusion block (32 in the spec); t_min/t_max: the mask-rate band
     (SFT [0.3, 0.8]); weighting: "elbo" (w = 1/t) or "masked_mean"; complementary: two views
     per sample (SFT/CAP only); cap_weight: λ of the CAP entropy term (0 = plain SFT);
-    beta: DPO β.
+    beta: DPO β; edit_rate: probability that a visible response token of the noisy stream is
+    replaced by a random token (0 = no editing stream; SFT/CAP only); edit_weight: weight of the
+    editing loss (mean CE over the replaced tokens).
     """
     block_size: int
     mask_id: int
@@ -51,6 +60,8 @@ class NoiseConfig:
     complementary: bool = True
     cap_weight: float = 0.0
     beta: float = 0.1
+    edit_rate: float = 0.0
+    edit_weight: float = 1.0
 
     def __post_init__(self):
         noising.check_t_range(self.t_min, self.t_max)
@@ -63,6 +74,12 @@ class NoiseConfig:
             raise ValueError(f"cap_weight={self.cap_weight} must be >= 0")
         if self.beta <= 0:
             raise ValueError(f"beta={self.beta} must be > 0")
+        editing.check_rate(self.edit_rate)
+        if self.edit_weight < 0:
+            raise ValueError(f"edit_weight={self.edit_weight} must be >= 0")
+        if self.edit_rate > 0 and self.edit_weight == 0:
+            raise ValueError(f"edit_rate={self.edit_rate} with edit_weight=0: the corrupted tokens would get no "
+                             "loss; set edit_weight > 0 or edit_rate = 0")
         layout.check_token_id("mask_id", self.mask_id, self.vocab_size)
 
 
@@ -88,11 +105,16 @@ def _noised_batch(tokens, segment_ids, positions, eligible, rng, cfg: NoiseConfi
 def sft_diffusion_batch(arrays: dict, rng, cfg: NoiseConfig) -> layout.DiffusionBatch:
     """One noised SFT batch: t ~ U[t_min, t_max] per row, mask over response tokens only.
 
-    With `cfg.complementary`, rows [B, 2B) are the complementary views of rows [0, B).
+    With `cfg.complementary`, rows [B, 2B) are the complementary views of rows [0, B). With
+    `cfg.edit_rate` > 0 the batch also carries the editing stream (`edit_mask`).
     """
-    return _noised_batch(jnp.asarray(arrays["tokens"], jnp.int32), jnp.asarray(arrays["segment_ids"], jnp.int32),
-                         jnp.asarray(arrays["positions"], jnp.int32), response_positions(arrays), rng, cfg,
-                         cfg.complementary)
+    batch = _noised_batch(jnp.asarray(arrays["tokens"], jnp.int32), jnp.asarray(arrays["segment_ids"], jnp.int32),
+                          jnp.asarray(arrays["positions"], jnp.int32), response_positions(arrays), rng, cfg,
+                          cfg.complementary)
+    if cfg.edit_rate > 0:
+        batch = editing.add_editing(batch, jax.random.fold_in(rng, EDIT_STREAM), cfg.edit_rate,
+                                    vocab_size=cfg.vocab_size, mask_id=cfg.mask_id)
+    return batch
 
 
 def _num_samples(segment_ids) -> jax.Array:
@@ -106,10 +128,12 @@ def sft_loss(model, arrays: dict, rng, cfg: NoiseConfig):
     """Block-diffusion SFT loss (+ λ · CAP entropy over correctly predicted masked tokens).
 
     metrics: loss, masked_ce, masked_accuracy, n_masked, n_eligible, mask_rate, rows (model rows fed),
-    samples (packed samples in the data batch); with cap_weight > 0 also sft_loss and cap_entropy.
+    samples (packed samples in the data batch); with cap_weight > 0 also sft_loss and cap_entropy
+    (sft_loss: the drafting loss alone); with edit_rate > 0 also edit_ce, edit_accuracy, n_edited.
     """
     batch = sft_diffusion_batch(arrays, rng, cfg)
-    loss, metrics = losses.diffusion_loss(model, batch, weighting=cfg.weighting, cap_weight=cfg.cap_weight)
+    loss, metrics = losses.diffusion_loss(model, batch, weighting=cfg.weighting, cap_weight=cfg.cap_weight,
+                                          edit_weight=cfg.edit_weight if cfg.edit_rate > 0 else 0.0)
     if cfg.cap_weight:
         metrics["sft_loss"] = metrics.pop("diffusion_loss")
     metrics["rows"] = jnp.asarray(batch.tokens.shape[0], jnp.int32)

@@ -18,8 +18,10 @@ import os
 import time
 
 import jax
+import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llada2_jax import workdir as wd
 from llada2_jax.data import corpora
@@ -30,6 +32,7 @@ from llada2_jax.training import model_source as ms
 from llada2_jax.training import sharding as shd
 from llada2_jax.training.checkpoint import Checkpointer
 from llada2_jax.training.context import Corpus, GymChats, RunData, RunPaths, StageContext
+from llada2_jax.training.data_shards import ShardedBatches
 from llada2_jax.training.freeze import keep_bottom_layers
 from llada2_jax.training.metrics import MetricsLogger
 from llada2_jax.training.stages import TrainStage, get_stage
@@ -74,15 +77,37 @@ def make_trainer(stage: TrainStage) -> Trainer:
                    abstract_weights=(layout.abstract_params, layout.abstract_buffers))
 
 
-def train_stage(stage: TrainStage) -> tuple[str, int]:
-    """Train `stage` to its end (resuming from its checkpoints); returns where its output lives."""
+def training_batches(stage: TrainStage, checkpointer: Checkpointer, shards: int = 0) -> ShardedBatches:
+    """The stage's training data as `shards` data shards (0: one per process), this process's share.
+
+    A stage resuming from a checkpoint keeps the checkpoint's shard count, whatever `shards` says, so
+    the global batches continue unchanged when the process count or the mesh changes.
+    """
     ctx = stage.ctx
-    data = stage.dataset("train", ctx.data.per_process(ctx.data.batch_size), ctx.data_seed, None)
-    if data.counts:
-        ctx.logger.write({"step": 0, "stage": stage.name, **data.counts})
-        print(f"[{stage.name}] data: " + ", ".join(f"{k}={v}" for k, v in data.counts.items()), flush=True)
+    latest = checkpointer.latest_step()
+    saved = checkpointer.data_state(latest) if latest is not None else None
+    num_shards = saved["num_shards"] if saved else (shards or jax.process_count())
+    counts: dict = {}
+
+    def make_shard(index: int, count: int, rows: int):
+        data = stage.dataset("train", rows, ctx.data_seed, None, shard=(index, count))
+        for k, v in data.counts.items():
+            counts[k] = counts.get(k, 0) + v
+        return data.dataset
+
+    batches = ShardedBatches(make_shard, num_shards=num_shards, global_batch=ctx.data.batch_size,
+                             sharding=NamedSharding(ctx.mesh, shd.batch_spec()))
+    if counts:  # this process's shards
+        ctx.logger.write({"step": 0, "stage": stage.name, **counts})
+        print(f"[{stage.name}] data: " + ", ".join(f"{k}={v}" for k, v in counts.items()), flush=True)
+    return batches
+
+
+def train_stage(stage: TrainStage, data_shards: int = 0) -> tuple[str, int]:
+    """Train `stage` to its end (resuming from its checkpoints); returns where its output lives."""
     trainer = make_trainer(stage)
-    state = trainer.fit(iter(data.dataset), stage.heldout_batches())
+    data = training_batches(stage, trainer.checkpointer, data_shards)
+    state = trainer.fit(data, stage.heldout_batches())
     trainer.checkpointer.close()
     return stage.save_output(state)
 
@@ -108,12 +133,18 @@ class Run:
         """The workdir's tokenizer; built from `config.tokenizer` and saved there the first time."""
         if self._tokenizer is None:
             directory = os.path.join(self.workdir, wd.TOKENIZER_DIR)
-            if os.path.exists(os.path.join(directory, "llada2_tokenizer.json")):
+            saved = os.path.exists(os.path.join(directory, "llada2_tokenizer.json"))
+            if jax.process_count() > 1:  # process 0 builds and saves it, the others then read that one
+                saved = bool(multihost_utils.broadcast_one_to_all(np.array(saved)))
+                if not saved and jax.process_index() == 0:
+                    self._new_tokenizer().save(directory)
+                multihost_utils.sync_global_devices("llada2_jax: run tokenizer saved")
+                saved = True
+            if saved:
                 self._tokenizer = load_tokenizer(directory)
             else:
                 self._tokenizer = self._new_tokenizer()
-                if jax.process_index() == 0:
-                    self._tokenizer.save(directory)
+                self._tokenizer.save(directory)
         return self._tokenizer
 
     def _new_tokenizer(self):
@@ -207,7 +238,8 @@ class Run:
     def run_stage(self, name: str) -> None:
         """Run one stage and record it in final.json with the run's (possibly new) output."""
         stage = self.stage(name)
-        output = train_stage(stage) if isinstance(stage, TrainStage) else stage.run()
+        output = (train_stage(stage, self.config.data.get("shards", 0)) if isinstance(stage, TrainStage)
+                  else stage.run())
         if output is None or getattr(stage, "branch", False):  # the run's output stays the chain's
             final = wd.read_final(self.workdir)
             output = (final["checkpoint_dir"], final["step"]) if final else ("", 0)
@@ -215,15 +247,17 @@ class Run:
 
     def execute(self) -> None:
         done = self.completed()
-        for name in stage_names(self.config):
-            if name in done:
-                print(f"[run] stage {name!r} already completed; skipping", flush=True)
-                continue
-            print(f"[run] stage {name!r}", flush=True)
-            start = time.perf_counter()
-            self.run_stage(name)
-            print(f"[run] stage {name!r} done in {time.perf_counter() - start:.1f}s", flush=True)
-        self.logger.close()
+        try:
+            for name in stage_names(self.config):
+                if name in done:
+                    print(f"[run] stage {name!r} already completed; skipping", flush=True)
+                    continue
+                print(f"[run] stage {name!r}", flush=True)
+                start = time.perf_counter()
+                self.run_stage(name)
+                print(f"[run] stage {name!r} done in {time.perf_counter() - start:.1f}s", flush=True)
+        finally:  # also on a stop or an error: the tensorboard writer's thread must not outlive the run
+            self.logger.close()
 
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from llada2_jax import workdir as wd
-from llada2_jax.data import corpora, gym_tasks
+from llada2_jax.data import corpora, gym_tasks, streaming
 from llada2_jax.model.config import check_runtime
 from llada2_jax.training import mesh as mesh_lib
 from llada2_jax.training import model_source as ms
@@ -37,6 +37,11 @@ def resolve_config(config):
             resolved.model.source = f"workdir:{init_from}"
             resolved.tokenizer.kind = "dir"
             resolved.tokenizer.path = os.path.join(init_from, wd.TOKENIZER_DIR)
+    if resolved.tokenizer.kind == "hf":  # the checkpoint's own tokenizer files (data.checkpoint_tokenizer)
+        kind, arg = resolved.model.source.partition(":")[::2]
+        with resolved.unlocked():
+            resolved.tokenizer.kind = "dir"
+            resolved.tokenizer.path = resolved.tokenizer.path or (arg if kind == "hf" else "")
     names = [s.strip() for s in str(resolved.stages).split(",") if s.strip()]
     for name in names:
         if getattr(stages_lib.STAGES.get(name), "branch", False) and resolved[name].steps == 0:
@@ -108,7 +113,11 @@ def _check_data(config) -> None:
         raise ValueError(f"data.heldout_fraction={d.heldout_fraction} must be in (0, 1)")
     if str(d.corpora) == gym_tasks.CORPUS_NAME:
         return
-    for name in [c.strip() for c in str(d.corpora).split(",") if c.strip()] or [""]:
+    names = [c.strip() for c in str(d.corpora).split(",") if c.strip()] or [""]
+    if any(streaming.is_stream(n) for n in names):
+        streaming.check_streams(names)
+        return
+    for name in names:
         if name not in corpora.CORPORA and not os.path.exists(name):
             raise ValueError(f"data.corpora: {name!r} is neither a corpus name {corpora.CORPORA}, "
                              f"{gym_tasks.CORPUS_NAME!r} (the reasoning-gym tasks of config.gym) nor an existing path")
@@ -152,10 +161,12 @@ def _check_model(config) -> None:
 
 def _check_tokenizer(config) -> None:
     tok = config.tokenizer
-    if tok.kind not in ("sentencepiece", "smollm2", "dir"):
-        raise ValueError(f"tokenizer.kind={tok.kind!r}; expected 'sentencepiece', 'smollm2' or 'dir'")
-    if tok.kind == "dir" and not os.path.isdir(tok.path):
-        raise ValueError(f"tokenizer.path={tok.path!r} is not a directory (tokenizer.kind='dir')")
+    if tok.kind not in ("sentencepiece", "smollm2", "dir", "hf"):
+        raise ValueError(f"tokenizer.kind={tok.kind!r}; expected 'sentencepiece', 'smollm2', 'dir' or 'hf' "
+                         f"(model.source=hf:DIR's own tokenizer)")
+    if tok.kind in ("dir", "hf") and not os.path.isdir(tok.path):
+        raise ValueError(f"tokenizer.path={tok.path!r} is not a directory (tokenizer.kind={tok.kind!r}"
+                         + (", and model.source is not hf:<dir>)" if tok.kind == "hf" else ")"))
 
 
 def validate_config(config, num_devices: int) -> None:

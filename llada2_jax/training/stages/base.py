@@ -15,9 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from llada2_jax.diffusion import schedules
 from llada2_jax.training.context import StageContext
 from llada2_jax.training.trainer import Segment
+
+
+def shard_or_process(shard: tuple[int, int] | None) -> dict:
+    """`shard_index`/`shard_count` keywords of a data pipeline: `shard`, or this process's share."""
+    index, count = shard if shard is not None else (jax.process_index(), jax.process_count())
+    return dict(shard_index=index, shard_count=count)
 
 
 @dataclasses.dataclass
@@ -58,8 +66,10 @@ class TrainStage:
     def total_steps(cls, config, name: str) -> int:
         raise NotImplementedError
 
-    def dataset(self, split: str, batch_size: int, seed: int, num_epochs: int | None) -> StageData:
-        """`split` is "train" or "heldout"; `batch_size` rows per process; `num_epochs=None`: forever."""
+    def dataset(self, split: str, batch_size: int, seed: int, num_epochs: int | None,
+                shard: tuple[int, int] | None = None) -> StageData:
+        """`split` is "train" or "heldout"; `batch_size` rows per batch; `num_epochs=None`: forever.
+        `shard`: (index, count) of the documents to read; None: this process's share."""
         raise NotImplementedError
 
     def segments(self) -> list[Segment]:

@@ -29,7 +29,7 @@ from llada2_jax.training import model_source as ms
 from llada2_jax.training import objectives
 from llada2_jax.training import sharding as shd
 from llada2_jax.training.checkpoint import Checkpointer
-from llada2_jax.training.stages.base import StageData
+from llada2_jax.training.stages.base import StageData, shard_or_process
 from llada2_jax.training.stages.sft import GSM8K, PostTrainStage, check_noise
 
 POLICY_DIR = "dpo_policy"
@@ -113,12 +113,11 @@ class DPO(PostTrainStage):
                                                      heldout_size=cfg.heldout_size, seed=self.ctx.seed)
         return self.split_records(preference.read_preference_pairs(cfg.data), split, "pair")
 
-    def dataset(self, split, batch_size, seed, num_epochs):
+    def dataset(self, split, batch_size, seed, num_epochs, shard=None):
         data = self.ctx.data
         out = preference.preference_dataset(
             self.pairs(split), data.tokenizer, seq_len=data.seq_len, batch_size=batch_size,
-            block_size=self.cfg.block_size, seed=seed, num_epochs=num_epochs, shard_index=jax.process_index(),
-            shard_count=jax.process_count())
+            block_size=self.cfg.block_size, seed=seed, num_epochs=num_epochs, **shard_or_process(shard))
         # The trainer counts tokens per second from `segment_ids`: give it both sides' ids.
         ds = out.dataset.map(lambda b: {**b, "segment_ids": np.concatenate(
             [b["chosen_segment_ids"], b["rejected_segment_ids"]], axis=-1)})

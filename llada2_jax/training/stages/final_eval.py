@@ -60,7 +60,7 @@ class FinalEval:
         record = {"step": 0, "stage": ctx.name, "phase": segment.name, "block_size": cfg.block_size,
                   "eval_nelbo": nelbo}
         samples = self.samples(wd.merge_model(layout.graphdef, params, buffers))
-        record["tokens_per_forward"] = samples["tpf"]
+        record.update(tokens_per_forward=samples["tpf"], threshold=cfg.threshold)  # export reads the setting
         if jax.process_index() == 0:
             with open(os.path.join(ctx.paths.workdir, "samples.json"), "w") as f:
                 json.dump(samples, f, indent=1)

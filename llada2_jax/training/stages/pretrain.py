@@ -9,7 +9,7 @@ from llada2_jax.data import gym_tasks, pipeline
 from llada2_jax.data import sft as sft_data
 from llada2_jax.diffusion import layout, losses, noising, schedules
 from llada2_jax.evaluation.likelihood import mc_elbo_loglik
-from llada2_jax.training.stages.base import StageData, TrainStage
+from llada2_jax.training.stages.base import StageData, TrainStage, shard_or_process
 from llada2_jax.training.trainer import Segment
 
 
@@ -19,13 +19,12 @@ class CorpusStage(TrainStage):
     The corpus "gym" is the run's reasoning-gym chats (`config.gym`), each a whole document.
     """
 
-    def dataset(self, split, batch_size, seed, num_epochs):
+    def dataset(self, split, batch_size, seed, num_epochs, shard=None):
         data = self.ctx.data
         if data.corpora == gym_tasks.CORPUS_NAME:
             out = sft_data.sft_dataset(data.gym_chats(split), data.tokenizer, seq_len=data.seq_len,
                                        batch_size=batch_size, block_size=max(data.align_to_block, 1), seed=seed,
-                                       num_epochs=num_epochs, shard_index=jax.process_index(),
-                                       shard_count=jax.process_count(), whole_chat=True)
+                                       num_epochs=num_epochs, whole_chat=True, **shard_or_process(shard))
             return StageData(out.dataset)
         docs = data.documents(split)
         if not docs:
@@ -33,7 +32,7 @@ class CorpusStage(TrainStage):
         ds = pipeline.pretrain_dataset(
             docs, data.tokenizer, seq_len=data.seq_len, batch_size=batch_size, seed=seed,
             align_to_block=(data.align_to_block or None) if split == "train" else None, num_epochs=num_epochs,
-            shard_index=jax.process_index(), shard_count=jax.process_count(), cache_dir=self.ctx.paths.cache)
+            cache_dir=self.ctx.paths.cache, **shard_or_process(shard))
         return StageData(ds)
 
 

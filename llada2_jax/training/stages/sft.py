@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 
 from llada2_jax.data import gym_tasks
@@ -24,12 +23,13 @@ from llada2_jax.data import sft as sft_data
 from llada2_jax.diffusion import layout, losses, schedules
 from llada2_jax.evaluation.likelihood import mc_elbo_loglik
 from llada2_jax.training import objectives
-from llada2_jax.training.stages.base import StageData, TrainStage
+from llada2_jax.training.stages.base import StageData, TrainStage, shard_or_process
 from llada2_jax.training.stages.pretrain import ar_nll_sums
 from llada2_jax.training.trainer import Segment
 
 GSM8K = "gsm8k"
-_LOGGED = ("masked_ce", "masked_accuracy", "n_masked", "rows", "samples", "sft_loss", "cap_entropy")
+_LOGGED = ("masked_ce", "masked_accuracy", "n_masked", "rows", "samples", "sft_loss", "cap_entropy",
+           "edit_ce", "edit_accuracy", "n_edited")
 
 
 def check_data_source(field: str, data: str, data_path: str = "") -> None:
@@ -54,6 +54,11 @@ def check_noise(config, name: str, **kw) -> None:
                                weighting=cfg.get("weighting", "elbo"), **kw)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
+
+
+def _editing(cfg) -> dict:
+    """The token-editing fields of an sft/cap section (LLaDA2.1; absent = off)."""
+    return dict(edit_rate=cfg.get("edit_rate", 0.0), edit_weight=cfg.get("edit_weight", 1.0))
 
 
 class PostTrainStage(TrainStage):
@@ -114,7 +119,7 @@ class SFT(PostTrainStage):
     def validate(cls, config, name) -> None:
         super().validate(config, name)
         check_noise(config, name, complementary=config[name].complementary,
-                    cap_weight=config[name].get("cap_weight", 0.0))
+                    cap_weight=config[name].get("cap_weight", 0.0), **_editing(config[name]))
 
     def conversations(self, split: str) -> list:
         cfg = self.cfg
@@ -130,16 +135,16 @@ class SFT(PostTrainStage):
             convs = sft_data.prompt_response_conversations(records)
         return self.split_records(convs, split, "sample")
 
-    def dataset(self, split, batch_size, seed, num_epochs):
+    def dataset(self, split, batch_size, seed, num_epochs, shard=None):
         data = self.ctx.data
         out = sft_data.sft_dataset(self.conversations(split), data.tokenizer, seq_len=data.seq_len,
                                    batch_size=batch_size, block_size=self.cfg.block_size, seed=seed,
-                                   num_epochs=num_epochs, shard_index=jax.process_index(),
-                                   shard_count=jax.process_count())
+                                   num_epochs=num_epochs, **shard_or_process(shard))
         return StageData(out.dataset, {"num_samples": out.num_samples, "num_dropped": out.num_dropped})
 
     def loss(self, segment, model, batch, rng, step):
-        noise = self.noise(segment, complementary=self.cfg.complementary, cap_weight=self.cfg.get("cap_weight", 0.0))
+        noise = self.noise(segment, complementary=self.cfg.complementary, cap_weight=self.cfg.get("cap_weight", 0.0),
+                           **_editing(self.cfg))
         loss, metrics = objectives.sft_loss(model, batch, rng, noise)
         return loss, {k: metrics[k] for k in _LOGGED if k in metrics}
 
