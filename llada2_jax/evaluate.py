@@ -30,6 +30,7 @@ flags.DEFINE_integer("seed", 0, "seed of the held-out item stream", flag_values=
 flags.DEFINE_integer("count", 200, "held-out items (round-robin over the tasks)", flag_values=FLAGS)
 flags.DEFINE_list("thresholds", [f"{t:g}" for t in gym.THRESHOLDS], "confidence thresholds (block decoding)",
                   flag_values=FLAGS)
+flags.DEFINE_list("presets", [], "token-editing decoding presets to evaluate too (quality, speed)", flag_values=FLAGS)
 flags.DEFINE_integer("block_size", 0, "decode block size (0: the one each stage was trained with)",
                      flag_values=FLAGS)
 flags.DEFINE_integer("gen_length", 64, "maximum generated tokens per item", flag_values=FLAGS)
@@ -56,6 +57,10 @@ def checked(f) -> dict:
         thresholds = []
     if not thresholds or not all(0 < t <= 1 for t in thresholds):
         raise ValueError(f"--thresholds={','.join(f.thresholds)} must be numbers in (0, 1]")
+    from llada2_jax.inference.decode import PRESETS
+    unknown = [p for p in f.presets if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"--presets={','.join(f.presets)}: {unknown[0]!r} is not one of: {', '.join(PRESETS)}")
     from llada2_jax.data import gym_tasks
     try:
         tasks = gym_tasks.parse_tasks(f.tasks)
@@ -63,7 +68,7 @@ def checked(f) -> dict:
         raise ValueError(f"--tasks: {e}") from None
     return dict(workdirs=f.workdirs, stages=f.stages, tasks=tasks, seed=f.seed, count=f.count,
                 thresholds=thresholds, block_size=f.block_size, gen_length=f.gen_length,
-                batch_size=f.batch_size, speed_items=f.speed_items, out=f.out)
+                batch_size=f.batch_size, speed_items=f.speed_items, presets=f.presets, out=f.out)
 
 
 def evaluate(f) -> int:

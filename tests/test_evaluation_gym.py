@@ -97,3 +97,23 @@ def test_bad_arguments_name_the_value(tokenizer, items):
         gym.evaluate(lambda p: None, tokenizer, [], batch_size=1)
     with pytest.raises(ValueError, match="batch_size=0"):
         gym.evaluate(lambda p: None, tokenizer, items, batch_size=0)
+
+
+def test_editing_presets_are_settings_of_their_own(tokenizer, items, tiny_model):
+    """`decoders(..., presets=...)` adds one `edit:<preset>` setting per preset that decodes exactly
+    as `generate(preset=...)`, beside the plain threshold settings."""
+    from llada2_jax.inference.decode import PRESETS
+    entry = {"ar": False, "block_size": 8}
+    settings = gym.decoders(entry, tiny_model, tokenizer, thresholds=(0.9,), block_size=0, gen_length=16,
+                            presets=("quality", "speed"))
+    assert [s["decoder"] for s, _ in settings] == ["block", "edit:quality", "edit:speed"]
+    prompts = [gym.prompt_ids(tokenizer, it) for it in items[:2]]
+    for setting, decode_fn in settings[1:]:
+        name = setting["decoder"].split(":")[1]
+        assert (setting["threshold"], setting["edit_threshold"]) == (PRESETS[name]["threshold"],
+                                                                     PRESETS[name]["edit_threshold"])
+        direct = generate(tiny_model, prompts, gen_length=16, block_size=8, preset=name, eos_id=tokenizer.eos_id)
+        got = decode_fn(prompts)
+        assert got.tokens == direct.tokens and list(got.row_forwards) == list(direct.row_forwards)
+        assert "/ edit" in gym.format_row({"model": "m", **setting, **gym.summarize(
+            [{"task": "t", "score": 0.0, "answer_tokens": 1, "forwards": 1}], 1.0), "tokens_per_sec_batched": 1.0})

@@ -70,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # the `compare` stage: every trained stage of the run decoded on held-out `gym` items
     c.compare = ml_collections.ConfigDict(dict(count=200, seed=0, thresholds=(0.5, 0.7, 0.8, 0.9, 0.95),
-                                               gen_length=64, batch_size=8, speed_items=8))
+                                               gen_length=64, batch_size=8, speed_items=8,
+                                               presets=()))  # token-editing presets: quality, speed
     return c
 
 

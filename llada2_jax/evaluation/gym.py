@@ -138,24 +138,32 @@ def models_to_evaluate(workdirs: Sequence[str], stages: Sequence[str] = ()) -> l
 
 
 def decoders(entry: dict, model, tokenizer: Tokenizer, *, thresholds: Sequence[float], block_size: int,
-             gen_length: int) -> list[tuple[dict, DecodeFn]]:
+             gen_length: int, presets: Sequence[str] = ()) -> list[tuple[dict, DecodeFn]]:
     """(setting, decode_fn) pairs of one model: the AR decoder once, or block decoding per threshold
-    at `block_size` (0: the block size the stage was trained with)."""
+    at `block_size` (0: the block size the stage was trained with), then per token-editing preset
+    (`inference.decode.PRESETS`: its mask and edit thresholds; decoder name `edit:<preset>`)."""
     from llada2_jax.inference import generate, generate_ar
+    from llada2_jax.inference.decode import preset_settings
     if entry["ar"]:
         return [({"decoder": "ar", "threshold": None, "block_size": None},
                  functools.partial(generate_ar, model, max_new_tokens=gen_length, eos_id=tokenizer.eos_id))]
     mask_id = model.config.mask_token_id if model.config.mask_token_id is not None else tokenizer.mask_id
     size = block_size or entry["block_size"]
-    return [({"decoder": "block", "threshold": t, "block_size": size},
-             functools.partial(generate, model, gen_length=gen_length, block_size=size, threshold=t,
-                               mask_id=mask_id, eos_id=tokenizer.eos_id, use_cache=True))
-            for t in thresholds]
+    block = functools.partial(generate, model, gen_length=gen_length, block_size=size, mask_id=mask_id,
+                              eos_id=tokenizer.eos_id, use_cache=True)
+    settings = [({"decoder": "block", "threshold": t, "block_size": size}, functools.partial(block, threshold=t))
+                for t in thresholds]
+    for name in presets:
+        knobs = preset_settings(name)
+        settings.append(({"decoder": f"edit:{name}", "threshold": knobs["threshold"], "block_size": size,
+                          "edit_threshold": knobs["edit_threshold"]}, functools.partial(block, **knobs)))
+    return settings
 
 
 def compare(workdirs: Sequence[str], *, out: str, tasks: Sequence[str], seed: int, count: int,
             stages: Sequence[str] = (), thresholds: Sequence[float] = THRESHOLDS, block_size: int = 0,
-            gen_length: int = 64, batch_size: int = 8, speed_items: int = 8, log=print) -> dict:
+            gen_length: int = 64, batch_size: int = 8, speed_items: int = 8, presets: Sequence[str] = (),
+            log=print) -> dict:
     """Evaluate every trained stage of `workdirs` on `count` held-out items; JSON + PNGs beside `out`.
 
     Returns the report: {"rows": one summary per (model, setting), "items": outputs per setting, ...}.
@@ -172,7 +180,7 @@ def compare(workdirs: Sequence[str], *, out: str, tasks: Sequence[str], seed: in
         if tokenizer is None:
             raise ValueError(f"workdir {entry['workdir']} holds no saved tokenizer")
         for setting, decode_fn in decoders(entry, model, tokenizer, thresholds=thresholds, block_size=block_size,
-                                           gen_length=gen_length):
+                                           gen_length=gen_length, presets=presets):
             result = evaluate(decode_fn, tokenizer, items, batch_size=batch_size, speed_items=speed_items)
             outputs[f"{entry['model']}|{setting['decoder']}|{setting['threshold']}"] = result.pop("records")
             rows.append({"model": entry["model"], **setting, **result})
@@ -194,6 +202,8 @@ TABLE_HEADER = ("| model | decoder | threshold | block | accuracy | tokens/forwa
 
 def format_row(row: dict) -> str:
     threshold = "" if row["threshold"] is None else f"{row['threshold']:g}"
+    if row.get("edit_threshold") is not None:
+        threshold += f" / edit {row['edit_threshold']:g}"
     block = "" if row["block_size"] is None else str(row["block_size"])
     return (f"| {row['model']} | {row['decoder']} | {threshold} | {block} | {100 * row['accuracy']:.1f} % | "
             f"{row['tokens_per_forward']:.2f} | {row['forwards']} | {row['answer_tokens']} | "

@@ -26,17 +26,23 @@ def _save(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> str:
 
 
 def frontier(rows: Sequence[dict], path: str) -> str:
-    """Accuracy against tokens per forward, one curve per model (its thresholds are the points)."""
+    """Accuracy against tokens per forward, one curve per model and decoder kind (its thresholds are
+    the points; token-editing presets are their own curves)."""
     fig, ax = _pyplot().subplots(figsize=(6, 4.2))
-    for model in dict.fromkeys(r["model"] for r in rows):
+    for model, decoder in dict.fromkeys((r["model"], _curve(r)) for r in rows):
         points = sorted((r["tokens_per_forward"], 100 * r["accuracy"], r.get("threshold"))
-                        for r in rows if r["model"] == model)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+                        for r in rows if r["model"] == model and _curve(r) == decoder)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                label=model if decoder in ("block", "ar") else f"{model} ({decoder})")
         for x, y, threshold in points:
             if threshold is not None:
                 ax.annotate(f"{threshold:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
     return _save(fig, ax, path, "tokens per forward", "accuracy (%)",
                  "speed / quality frontier (points: confidence thresholds)")
+
+
+def _curve(row: dict) -> str:
+    return row.get("decoder", "block")
 
 
 def read_metrics(workdir: str) -> list[dict]:

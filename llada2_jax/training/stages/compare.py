@@ -35,6 +35,10 @@ class Compare:
             raise ValueError(f"{name}.speed_items={cfg.speed_items} must be >= 0")
         if not cfg.thresholds or not all(0 < t <= 1 for t in cfg.thresholds):
             raise ValueError(f"{name}.thresholds={tuple(cfg.thresholds)} must be numbers in (0, 1]")
+        from llada2_jax.inference.decode import PRESETS
+        for preset in cfg.get("presets", ()):
+            if preset not in PRESETS:
+                raise ValueError(f"{name}.presets: {preset!r} is not one of: {', '.join(PRESETS)}")
 
     def run(self) -> None:
         ctx, cfg = self.ctx, self.cfg
@@ -43,7 +47,7 @@ class Compare:
         report = gym.compare([ctx.paths.workdir], out=out, tasks=gym_tasks.parse_tasks(ctx.data.gym_chats.tasks),
                              seed=cfg.seed, count=cfg.count, thresholds=tuple(cfg.thresholds),
                              gen_length=cfg.gen_length, batch_size=cfg.batch_size, speed_items=cfg.speed_items,
-                             log=lambda line: print(line, flush=True))
+                             presets=tuple(cfg.get("presets", ())), log=lambda line: print(line, flush=True))
         for key, records in report["items"].items():
             if not (key.endswith("|None") or key.endswith(f"|{SHOWN_THRESHOLD}")):
                 continue
