@@ -3,19 +3,18 @@ full canvas, cached vs uncached, batch vs single runs, per-row counts, `edit_thr
 M2T-only decoder, presets and bad input."""
 import functools
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from llada2_jax.inference import decode, generate
 from llada2_jax.model import ModelConfig, Transformer
+from dense_decode_reference import block_probs
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128)
 MASK, L = 63, 8
 PROMPT = [5, 9, 2, 7, 1, 3, 3, 8, 4, 11, 12]  # one full block + a 3-token tail in the first decoded block
-_FORWARD = nnx.jit(lambda m, tokens, allow: m(tokens, None, allow))
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,12 +50,8 @@ def reference_edit_decode(model, prompt, gen_length, threshold, edit_threshold, 
         post = 0
         while True:
             masked = (x[pos] == MASK) & generated
-            logits = np.asarray(_FORWARD(model, jnp.asarray(x[None]), jnp.asarray(allow[None])))[0, pos]
+            probs = block_probs(model, x, allow, pos, MASK)
             forwards += 1
-            logits = logits.astype(np.float64)
-            logits[:, MASK] = -np.inf
-            probs = np.exp(logits - logits.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
             v, c = probs.argmax(-1), probs.max(-1)
             take = masked & (c > threshold)
             if masked.any() and not take.any():

@@ -17,12 +17,12 @@ from flax import nnx
 from llada2_jax.diffusion import layout
 from llada2_jax.inference import decode, generate
 from llada2_jax.model import KVCache, ModelConfig, Transformer
+from dense_decode_reference import block_probs, dense_forward
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128)
 MASK, L = 63, 8
 PROMPT = [5, 9, 2, 7, 1, 3, 3, 8, 4, 11, 12]  # one full block + a 3-token tail in the first decoded block
-_FORWARD = nnx.jit(lambda m, tokens, allow: m(tokens, None, allow))
 _FORWARD_AT = nnx.jit(lambda m, tokens, positions, mask, cache: m.forward(tokens, positions, mask, cache=cache))
 
 
@@ -57,12 +57,8 @@ def reference_decode(model, prompt, gen_length, threshold, steps, eos_id):
             masked = (x[pos] == MASK) & (pos >= p)
             if not masked.any():
                 break
-            logits = np.asarray(_FORWARD(model, jnp.asarray(x[None]), jnp.asarray(allow[None])))[0, pos]
+            probs = block_probs(model, x, allow, pos, MASK)
             forwards += 1
-            logits = logits.astype(np.float64)
-            logits[:, MASK] = -np.inf
-            probs = np.exp(logits - logits.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
             conf = np.where(masked, probs.max(-1), -np.inf)
             high = conf > threshold
             if high.sum() >= quota[s]:
@@ -265,7 +261,7 @@ def constant_model(probs: dict[int, float]) -> Transformer:
 def test_constant_model_logits_are_as_set():
     model = constant_model({7: 0.6, 20: 0.1})
     allow = jnp.ones((1, 4, 4), bool)
-    probs = jax.nn.softmax(_FORWARD(model, jnp.asarray([[1, MASK, 2, MASK]]), allow)[0, 1])
+    probs = jax.nn.softmax(dense_forward(model, jnp.asarray([[1, MASK, 2, MASK]]), allow)[0, 1])
     np.testing.assert_allclose(probs[jnp.asarray([7, 20])], [0.6, 0.1], rtol=1e-4)
 
 
