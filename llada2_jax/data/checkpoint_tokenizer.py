@@ -25,8 +25,8 @@ import os
 import re
 
 from llada2_jax.data.chat_jinja import JinjaChatTemplate
-from llada2_jax.data.tokenizer_kinds import (_SP_MODEL_FILE, MASK_TOKEN, HFTokenizer, Tokenizer,
-                                             _template_json, _write_meta)
+from llada2_jax.data.tokenizer_kinds import (_SP_MODEL_FILE, MASK_TOKEN, HFTokenizer, SpecialIdsFromFields,
+                                             Tokenizer, _template_json, _write_meta)
 
 HF_TOKENIZER_FILE = "tokenizer.json"
 SP_TOKENIZER_FILE = "tokenizer.model"
@@ -146,7 +146,7 @@ def load_checkpoint_tokenizer(directory: str, *, mask_token: str | None = None) 
     return CheckpointSentencePieceTokenizer.from_directory(directory, config, template, mask_token)
 
 
-class CheckpointSentencePieceTokenizer(Tokenizer):
+class CheckpointSentencePieceTokenizer(SpecialIdsFromFields, Tokenizer):
     """A checkpoint's sentencepiece model as transformers' sentencepiece tokenizers use it: special
     token strings in the text are cut out first and become their ids, the text between them is
     encoded by sentencepiece piece by piece (its own normalization and dummy prefix apply).
@@ -229,18 +229,6 @@ class CheckpointSentencePieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return max([self._sp.get_piece_size()] + [i + 1 for i in self.specials.values()])
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos_id
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad_id
-
-    @property
-    def mask_id(self) -> int | None:
-        return self._mask_id
 
     def _model_bytes(self) -> bytes:
         return self._proto + json.dumps(sorted(self.specials.items())).encode()

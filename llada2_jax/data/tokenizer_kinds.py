@@ -219,7 +219,23 @@ class SentencePieceTokenizer(Tokenizer):
         _write_meta(directory, {"kind": "sentencepiece", "chat_template": _template_json(self)})
 
 
-class HFTokenizer(Tokenizer):
+class SpecialIdsFromFields:
+    """`eos_id`, `pad_id` and `mask_id` read from `_eos_id`, `_pad_id`, `_mask_id`, set in `__init__`."""
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def mask_id(self) -> int | None:
+        return self._mask_id
+
+
+class HFTokenizer(SpecialIdsFromFields, Tokenizer):
     """Wraps a `tokenizers.Tokenizer` (e.g. SmolLM2's byte-level BPE from the GGUF file).
 
     Special ids are found by token string. `pad_token=None` pads with EOS. The mask token is
@@ -275,18 +291,6 @@ class HFTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos_id
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad_id
-
-    @property
-    def mask_id(self) -> int | None:
-        return self._mask_id
 
     def _model_bytes(self) -> bytes:
         return self._tok.to_str().encode("utf-8")
