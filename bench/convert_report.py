@@ -6,6 +6,7 @@ Reads WORKDIR/compare/results.json (written by the `compare` stage or `python -m
 --out=WORKDIR/compare/results.json`) and WORKDIR/metrics.jsonl: the evaluation table, then per
 training stage its steps, real data tokens, minutes spent in logged steps (compilation and held-out
 evaluations excluded) and tokens per minute. Copies the two plots to bench/results/<name>_*.png.
+--results=JSON tables another evaluation of the run instead (plots from beside that JSON).
 
 --choices=LABEL=DIR,... adds one row per conversion run tried (the design choice as its label): its
 training data tokens and minutes, tokens per minute, and the held-out accuracy of the AR twin and
@@ -29,6 +30,8 @@ WORKDIR = flags.DEFINE_string("workdir", None, "a conversion run directory (with
 NAME = flags.DEFINE_string("name", "convert_cpu", "results file name: bench/results/<name>.md")
 WRITE = flags.DEFINE_boolean("write", True, "write bench/results/<name>.md and the plots")
 CHOICES = flags.DEFINE_list("choices", [], "LABEL=WORKDIR conversion runs to list side by side")
+RESULTS = flags.DEFINE_string("results", "", "an evaluation JSON to table instead of WORKDIR/compare/results.json "
+                              "(e.g. a `python -m llada2_jax.evaluate --out=...` run); its plots sit beside it")
 TARGET_THRESHOLD = 0.9
 
 
@@ -49,17 +52,20 @@ def stage_costs(records: list[dict]) -> list[list]:
              f"{60 * s['tokens'] / max(s['seconds'], 1e-9):.0f}"] for stage, s in stage_stats(records).items()]
 
 
-def read_report(workdir: str) -> dict:
-    path = os.path.join(workdir, "compare", "results.json")
+def results_path(workdir: str) -> str:
+    return os.path.join(workdir, "compare", "results.json")
+
+
+def read_report(path: str) -> dict:
     if not os.path.exists(path):
-        raise app.UsageError(f"{workdir}: no compare/results.json (run the compare stage first)")
+        raise app.UsageError(f"{path} not found (run the compare stage or `python -m llada2_jax.evaluate` first)")
     with open(path) as f:
         return json.load(f)
 
 
 def choice_row(label: str, workdir: str) -> list:
     """One conversion run: its cost and its accuracy (AR twin, last dLLM stage at 0.9) per training hour."""
-    rows = read_report(workdir)["rows"]
+    rows = read_report(results_path(workdir))["rows"]
     stats = stage_stats(read_metrics(workdir))
     ar = [r for r in rows if r["decoder"] == "ar"]
     dllm = [r for r in rows if r["decoder"] == "block" and r["threshold"] == TARGET_THRESHOLD]
@@ -77,7 +83,8 @@ def choice_row(label: str, workdir: str) -> list:
 def main() -> int:
     if not WORKDIR.value:
         raise app.UsageError("--workdir is required")
-    report = read_report(WORKDIR.value)
+    path = RESULTS.value or results_path(WORKDIR.value)
+    report = read_report(path)
     lines = [f"Held-out items: {report['count']} of {', '.join(report['tasks'])} (seed {report['seed']}), "
              f"gen_length {report['gen_length']}; tokens/s decoding one prompt at a time "
              f"({report['speed_items']} items) and in batches of {report['batch_size']}.", "",
@@ -98,7 +105,7 @@ def main() -> int:
     _results.publish(NAME.value, "\n".join(lines), WRITE.value)
     if WRITE.value:
         for plot in ("frontier.png", "training_loss.png"):
-            shutil.copy(os.path.join(WORKDIR.value, "compare", plot), _results.RESULTS / f"{NAME.value}_{plot}")
+            shutil.copy(os.path.join(os.path.dirname(path), plot), _results.RESULTS / f"{NAME.value}_{plot}")
     return 0
 
 
