@@ -405,6 +405,7 @@ _SHARDED = textwrap.dedent("""
 def test_sharded_model_gives_the_same_tokens():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "tests")]),
+                              "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "true"
