@@ -1,6 +1,11 @@
 """Model FLOP counts shared by the benches (matmuls only: norms, softmax, RoPE are not counted)."""
 from __future__ import annotations
 
+import time
+
+import jax
+import jax.numpy as jnp
+
 from llada2_jax.model import ModelConfig
 
 
@@ -19,3 +24,17 @@ def attention_flops(mc: ModelConfig, queries: int, keys: int) -> float:
 def head_flops(mc: ModelConfig, rows: int) -> float:
     """The vocabulary projection of `rows` positions."""
     return 2.0 * rows * mc.hidden_size * mc.vocab_size
+
+
+def matmul_peak(n: int = 4096, reps: int = 3) -> float:
+    """fp32 GFLOP/s of one jitted n x n x n jnp.dot (best of `reps`)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, b))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(dot(a, b))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9

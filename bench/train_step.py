@@ -83,20 +83,6 @@ def step_flops(mc: ModelConfig, batch: int, length: int) -> float:
     return 3.0 * forward
 
 
-def matmul_peak(n: int = 4096, reps: int = 3) -> float:
-    """fp32 GFLOP/s of one jitted n x n x n jnp.dot (best of `reps`)."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    jax.block_until_ready(dot(a, b))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(dot(a, b))
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
-
-
 def build_trainer(length: int, batch: int, workdir: str, variant: str = "config"):
     """The wsd stage's trainer exactly as `training.run` builds it, on a random SmolLM2-size model.
 
@@ -223,7 +209,7 @@ def main() -> int:
     for length in lengths:
         if length % block:
             raise app.UsageError(f"--lengths={length} is not a multiple of --block={block}")
-    peak = matmul_peak()
+    peak = _flops.matmul_peak()
     print(f"[bench] fp32 matmul peak (XLA, 4096^3): {peak:.0f} GFLOP/s", flush=True)
     rows = []
     for length, batch in zip(lengths, batches):

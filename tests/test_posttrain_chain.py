@@ -111,3 +111,33 @@ def test_dpo_reference_is_the_unchanged_starting_model(chain):
     # the policy did move, and it is what the run hands on
     policy = dict(_flat(_saved_model(chain["dpo"])["params"]))
     assert any(not np.array_equal(policy[k], expected[k]) for k in policy)
+
+
+def test_a_run_can_start_from_one_stage_of_an_earlier_run(chain):
+    """`model.source=workdir:<dir>@<stage>` loads that stage's latest checkpoint, not the run's final
+    output: a variant (e.g. an editing SFT) branches off an earlier stage of a conversion."""
+    from llada2_jax import workdir as wd
+    from llada2_jax.training import mesh as mesh_lib, model_source as ms
+    directory = str(chain["wsd"])
+    config = wd.load_model_config(directory)
+    layout = ms.ModelLayout.build(config, {"data": 1})
+    mesh = mesh_lib.make_mesh({"data": 1})
+    placed = ms.place_weights(ms.Source("workdir", f"{directory}@ar_pretrain", config), layout, mesh, 0)[0]
+    _, ar_params, _ = wd.split_model(wd.load_model(directory, "ar_pretrain"))
+    _, final_params, _ = wd.split_model(wd.load_model(directory))
+    got, ar, final = dict(_flat(placed)), dict(_flat(ar_params)), dict(_flat(final_params))
+    assert got.keys() == ar.keys()
+    for key in ar:
+        np.testing.assert_array_equal(got[key], ar[key], err_msg=str(key))
+    assert any(not np.array_equal(ar[k], final[k]) for k in ar)  # the two stages really differ
+
+
+def test_a_missing_stage_source_is_a_one_line_error(chain):
+    from llada2_jax.configs import tiny
+    from llada2_jax.training.validate import validate_config
+    config = tiny.get_config("sft")
+    with config.unlocked():
+        config.init_from = ""
+        config.model.source = f"workdir:{chain['wsd']}@nosuchstage"
+    with pytest.raises(ValueError, match=r"model.source=.*nosuchstage.*stages with checkpoints"):
+        validate_config(config, 1)

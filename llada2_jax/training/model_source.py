@@ -6,6 +6,8 @@
   gguf:<path>     a llama.cpp GGUF file; `gguf:smollm2` is the SmolLM2-135M file of assets.md
   workdir:<dir>   the final weights of an earlier run (its `final.json`): how post-training
                   stages start from a conversion run
+  workdir:<dir>@<stage>   the latest checkpoint of one stage of that run (a variant branching
+                  off an earlier stage, e.g. an editing SFT from a conversion's `@wsd`)
 Models without a `[MASK]` id get one appended (`interop.convert.add_mask_token`).
 """
 from __future__ import annotations
@@ -28,8 +30,14 @@ def parse_source(source: str) -> tuple[str, str]:
     kind, _, arg = source.partition(":")
     if kind not in SOURCE_KINDS or (kind == "init") != (arg == ""):
         raise ValueError(f"model.source={source!r}; expected 'init', 'hf:<dir>', 'gguf:<path>|gguf:smollm2' "
-                         f"or 'workdir:<dir>'")
+                         f"or 'workdir:<dir>[@<stage>]'")
     return kind, arg
+
+
+def workdir_parts(arg: str) -> tuple[str, str | None]:
+    """The argument of a `workdir:` source -> (run directory, stage or None for its final weights)."""
+    directory, _, stage = arg.partition("@")
+    return directory, stage or None
 
 
 @dataclasses.dataclass
@@ -102,7 +110,7 @@ def open_source(source: str, arch: dict, runtime: dict, tokenizer=None) -> Sourc
                     fields[name] = value
         return Source(kind, arg, ModelConfig(**fields))
     if kind == "workdir":
-        config = wd.load_model_config(arg, **runtime)
+        config = wd.load_model_config(workdir_parts(arg)[0], **runtime)
         if config is None:
             raise ValueError(f"model.source={source!r}: {arg}/{wd.MODEL_CONFIG_FILE} not found (not a run workdir?)")
         return Source(kind, arg, config)
@@ -125,14 +133,17 @@ def place_weights(src: Source, layout: ModelLayout, mesh, seed: int) -> tuple[di
             return params, buffers
         return jax.jit(init, out_shardings=(p_sh, b_sh))()
     if src.kind == "workdir":
-        final = wd.read_final(src.arg)
-        if final is None:
+        directory, stage = workdir_parts(src.arg)
+        if stage is None and wd.read_final(directory) is None:
             raise ValueError(f"model.source=workdir:{src.arg}: {wd.FINAL_FILE} not found: that run has not "
                              f"finished a stage yet")
-        manager = wd.open_checkpoints(final["checkpoint_dir"])
+        checkpoints, step = wd.weights_location(directory, stage)
+        manager = wd.open_checkpoints(checkpoints)
         try:
-            return wd.restore_weights(manager, final["step"], layout.abstract_params, layout.abstract_buffers,
-                                      (p_sh, b_sh))
+            step = manager.latest_step() if step is None else step
+            if step is None:
+                raise ValueError(f"model.source=workdir:{src.arg}: {checkpoints} holds no checkpoint")
+            return wd.restore_weights(manager, step, layout.abstract_params, layout.abstract_buffers, (p_sh, b_sh))
         finally:
             manager.close()
     _, params, buffers = wd.split_model(src.host_model)

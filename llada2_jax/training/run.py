@@ -223,7 +223,7 @@ class Run:
                             mesh=self.mesh, layout=self.layout, data=data, paths=self.paths,
                             settings=train_settings(c), optimizer=dict(c.optimizer), logger=self.logger,
                             init_weights=self.source_weights if getattr(get_stage(name), "branch", False)
-                            else self.initial_weights, init_workdir=arg if kind == "workdir" else None)
+                            else self.initial_weights, init_workdir=ms.workdir_parts(arg)[0] if kind == "workdir" else None)
 
     def stage(self, name: str):
         """The stage `name` built from its context; a stage that only scores (merge, eval) also gets

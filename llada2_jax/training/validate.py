@@ -137,6 +137,13 @@ def _check_gym(config) -> None:
 def _check_model(config) -> None:
     check_runtime(dict(config.model.runtime), "model.runtime.")
     kind, arg = ms.parse_source(config.model.source)
+    if kind == "workdir":
+        arg, stage = ms.workdir_parts(arg)
+        if stage is not None and os.path.isdir(arg):
+            try:
+                wd.weights_location(arg, stage)
+            except ValueError as e:
+                raise ValueError(f"model.source={config.model.source!r}: {e}") from None
     if kind in ("hf", "workdir") and not os.path.isdir(arg):
         raise ValueError(f"model.source={config.model.source!r}: directory {arg!r} does not exist")
     if kind == "hf" and not os.path.isfile(os.path.join(arg, "config.json")):
