@@ -26,11 +26,16 @@ class MetricsLogger:
     def __init__(self, workdir: str):
         self.active = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
+        self._tb_dir = os.path.join(workdir, "tensorboard")
+        self._tb = None  # opened on the first write: a run that never logs leaves no writer thread behind
         if self.active:
             os.makedirs(workdir, exist_ok=True)
+
+    def _tensorboard(self):
+        if self._tb is None:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(self._tb_dir)
+        return self._tb
 
     def write(self, record: dict) -> None:
         """One JSON line; numeric fields also go to TensorBoard under `<stage>/<name>`."""
@@ -40,15 +45,17 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         stage, step = record.get("stage", "train"), record.get("step", 0)
+        tb = self._tensorboard()
         for key, value in record.items():
             if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
                 if key != "step":
-                    self._tb.add_scalar(f"{stage}/{key}", value, step)
-        self._tb.flush()
+                    tb.add_scalar(f"{stage}/{key}", value, step)
+        tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 class Progress:
