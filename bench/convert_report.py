@@ -6,7 +6,8 @@ Reads WORKDIR/compare/results.json (written by the `compare` stage or `python -m
 --out=WORKDIR/compare/results.json`) and WORKDIR/metrics.jsonl: the evaluation table, then per
 training stage its steps, real data tokens, minutes spent in logged steps (compilation and held-out
 evaluations excluded) and tokens per minute. Copies the two plots to bench/results/<name>_*.png.
---results=JSON tables another evaluation of the run instead (plots from beside that JSON).
+--results=JSON tables another evaluation of the run instead (plots from beside that JSON);
+--trained_too=DIR,... adds the training cost of the other runs that evaluation compared.
 
 --choices=LABEL=DIR,... adds one row per conversion run tried (the design choice as its label): its
 training data tokens and minutes, tokens per minute, and the held-out accuracy of the AR twin and
@@ -30,6 +31,8 @@ WORKDIR = flags.DEFINE_string("workdir", None, "a conversion run directory (with
 NAME = flags.DEFINE_string("name", "convert_cpu", "results file name: bench/results/<name>.md")
 WRITE = flags.DEFINE_boolean("write", True, "write bench/results/<name>.md and the plots")
 CHOICES = flags.DEFINE_list("choices", [], "LABEL=WORKDIR conversion runs to list side by side")
+TRAINED_TOO = flags.DEFINE_list("trained_too", [], "more run directories whose training cost the table lists "
+                                 "(e.g. the other runs a --results evaluation compared)")
 RESULTS = flags.DEFINE_string("results", "", "an evaluation JSON to table instead of WORKDIR/compare/results.json "
                               "(e.g. a `python -m llada2_jax.evaluate --out=...` run); its plots sit beside it")
 TARGET_THRESHOLD = 0.9
@@ -89,8 +92,10 @@ def main() -> int:
              f"gen_length {report['gen_length']}; tokens/s decoding one prompt at a time "
              f"({report['speed_items']} items) and in batches of {report['batch_size']}.", "",
              gym.table(report["rows"]), "", "Training:", "",
-             _results.markdown_table(["stage", "steps", "data tokens", "minutes", "tokens / minute"],
-                                     stage_costs(read_metrics(WORKDIR.value)))]
+             _results.markdown_table(["run", "stage", "steps", "data tokens", "minutes", "tokens / minute"],
+                                     [[os.path.basename(os.path.normpath(w)), *row]
+                                      for w in [WORKDIR.value, *TRAINED_TOO.value]
+                                      for row in stage_costs(read_metrics(w))])]
     if CHOICES.value:
         entries = [c.rpartition("=") for c in CHOICES.value]
         if any(not sep or not label or not path for label, sep, path in entries):
