@@ -2,6 +2,7 @@
 user mistakes reported as one line with exit code 2 (no traceback), as `main` does."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -25,3 +26,12 @@ def run(name: str, doc: str, flag_values: flags.FlagValues, argv: list[str] | No
     except (flags.Error, ValueError) as e:
         print(f"{name}: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
         return 2
+
+
+def require_workdir(flag_values: flags.FlagValues, required: tuple[str, ...]) -> None:
+    """The `required` flags are set and `--workdir` (one of them) is an existing directory."""
+    for name in required:
+        if flag_values[name].value is None:
+            raise ValueError(f"--{name} is required")
+    if not os.path.isdir(flag_values.workdir):
+        raise ValueError(f"--workdir={flag_values.workdir!r} does not exist")

@@ -122,11 +122,7 @@ def export(workdir: str, out: str, *, stage: str | None = None, block_size: int 
 
 
 def _body(f) -> int:
-    for name in ("workdir", "out"):
-        if f[name].value is None:
-            raise ValueError(f"--{name} is required")
-    if not os.path.isdir(f.workdir):
-        raise ValueError(f"--workdir={f.workdir!r} does not exist")
+    cli.require_workdir(f, ("workdir", "out"))
     if f.max_shard_mb < 1:
         raise ValueError(f"--max_shard_mb={f.max_shard_mb} must be >= 1")
     result = export(f.workdir, f.out, stage=f.stage, block_size=f.block_size, threshold=f.threshold,

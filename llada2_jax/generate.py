@@ -58,11 +58,7 @@ def prompt_ids(tokenizer, text: str, raw: bool) -> list[int]:
 
 def check_flags(f) -> None:
     """Everything that can be checked before loading the model."""
-    for name in ("workdir", "prompt"):
-        if f[name].value is None:
-            raise UsageError(f"--{name} is required")
-    if not os.path.isdir(f.workdir):
-        raise UsageError(f"--workdir={f.workdir!r} does not exist")
+    cli.require_workdir(f, ("workdir", "prompt"))
     if f.gen_length < 1:
         raise UsageError(f"--gen_length={f.gen_length} must be >= 1")
     if f.block_size < 1:
