@@ -8,20 +8,10 @@ import numpy as np
 import pytest
 
 from llada2_jax.data import corpora, pipeline
-from llada2_jax.data.tokenizers import SentencePieceTokenizer
+from corpus_fixtures import docs, tok  # noqa: F401 (fixtures)
 
 SEQ_LEN = 64
 
-
-@pytest.fixture(scope="module")
-def docs():
-    # Small documents plus a few longer than a row, so splitting is exercised.
-    return corpora.load_corpus("stdlib", max_documents=40, max_bytes=120_000)
-
-
-@pytest.fixture(scope="module")
-def tok(docs):
-    return SentencePieceTokenizer.train(corpora.texts(docs), vocab_size=600)
 
 
 def reference_documents(docs, tok):

@@ -16,20 +16,12 @@ import pytest
 from llada2_jax import tokenize_shards
 from llada2_jax.data import corpora, pipeline, streaming
 from llada2_jax.data.tokenizers import SentencePieceTokenizer
+from corpus_fixtures import docs, tok  # noqa: F401 (fixtures)
 from llada2_jax.training.context import Corpus
 
 SEQ_LEN = 64
 PER_SHARD = 3
 
-
-@pytest.fixture(scope="module")
-def docs():
-    return corpora.load_corpus("stdlib", max_documents=40, max_bytes=120_000)
-
-
-@pytest.fixture(scope="module")
-def tok(docs):
-    return SentencePieceTokenizer.train(corpora.texts(docs), vocab_size=600)
 
 
 def _chunks(items, n):
